@@ -1,0 +1,37 @@
+"""lmkit: train and honestly compare small language models on one shared trunk.
+
+The public API for plugin authors and scripts: ``hookimpl`` (decorate hook implementations),
+the protocols and data classes in :mod:`lmkit.protocols`, :class:`Metric` and :func:`load_run`.
+Heavy modules (torch) load only when a name that needs them is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmkit.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Batch": "lmkit.protocols",
+    "EvalContext": "lmkit.protocols",
+    "LossOutput": "lmkit.protocols",
+    "Objective": "lmkit.protocols",
+    "TokenSpec": "lmkit.protocols",
+    "Metric": "lmkit.core.bpb",
+    "ModelConfig": "lmkit.core.trunk",
+    "Transformer": "lmkit.core.trunk",
+    "load_run": "lmkit.core.runs",
+    "LmkitError": "lmkit.errors",
+}
+
+__all__ = ["__version__", "hookimpl", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lmkit' has no attribute {name!r}")

@@ -1,0 +1,304 @@
+"""The ``lmkit`` command line: parse, call core, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lmkit import __version__
+from lmkit.cli.display import TrainDisplay, console, metrics_table
+from lmkit.errors import LmkitError
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lmkit")
+def cli() -> None:
+    """Train and honestly compare small language models on one shared transformer trunk.
+
+    Every number lmkit prints is bits per byte from the tokenizer's exact byte LUT, labelled with
+    its kind (exact, upper bound or score) and its uncertainty.
+
+    \b
+    Quick start:
+      lmkit data prepare                      # the embedded default corpus (State of the Union)
+      lmkit train --objective ar --preset small
+      lmkit eval runs/ar-small-<stamp> --json
+    """
+
+
+# -- data --------------------------------------------------------------------------------------
+@cli.group()
+def data() -> None:
+    """Prepare corpora into parameter-golf shards."""
+
+
+@data.command("prepare")
+@click.option("--corpus", default="sotu", show_default=True,
+              help="A registered corpus name (see `lmkit plugins`), or a path to a .txt file, a "
+                   ".jsonl file with a `text` field, or a directory of them.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path),
+              help="Use this SentencePiece model instead of training a new one.")
+@click.option("--vocab-size", default=1024, show_default=True,
+              help="Vocabulary of a new tokenizer.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory [default: the lmkit cache, where `lmkit train` looks].")
+@click.option("--val-fraction", default=0.05, show_default=True,
+              help="Fraction of documents held out for validation (seeded, deterministic).")
+@click.option("--split-seed", default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--shard-tokens", default=100_000_000, show_default=True,
+              help="Maximum tokens per shard file.")
+@click.option("--force", is_flag=True, help="Replace an existing prepared directory.")
+def data_prepare(corpus: str, tokenizer: Path | None, vocab_size: int, out: Path | None,
+                 val_fraction: float, split_seed: int, shard_tokens: int, force: bool) -> None:
+    """Corpus → SentencePiece BPE (parameter-golf settings) → BOS-prefixed uint16 shards.
+
+    Writes `<name>_train_*.bin`, `<name>_val_*.bin`, `tokenizer.model` and `manifest.json`.
+    """
+    from lmkit.core.datasets import prepare
+
+    manifest = prepare(corpus, out=out, tokenizer=tokenizer, vocab_size=vocab_size,
+                       val_fraction=val_fraction, split_seed=split_seed,
+                       shard_tokens=shard_tokens, force=force, log=lambda s: console.print(s))
+    console.print(
+        f"[green]prepared[/] {manifest['corpus']['name']}: "
+        f"{manifest['split']['train_documents']:,} train / {manifest['split']['val_documents']:,} "
+        f"val documents, {manifest['tokens']['train']:,} / {manifest['tokens']['val']:,} tokens "
+        f"→ {manifest['dir']}"
+    )
+
+
+# -- train -------------------------------------------------------------------------------------
+def train_options(fn):
+    """Options shared by `train` and (later) `compare`."""
+    opts = [
+        click.option("--data", "data_dir", type=click.Path(path_type=Path),
+                     help="Prepared shard directory (parameter-golf shards work unchanged) "
+                          "[default: the embedded corpus, prepared on first use]."),
+        click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Tokenizer of --data when the directory has none."),
+        click.option("--preset", help="tiny | small | pg-baseline (see `lmkit presets`)."),
+        click.option("--steps", type=int, help="Budget: optimizer steps."),
+        click.option("--tokens", type=int, help="Budget: training tokens."),
+        click.option("--time", "seconds", type=float, help="Budget: seconds of training."),
+        click.option("--seed", type=int, help="Seed for init, data order and masks."),
+        click.option("--device", help="auto | cpu | cuda | cuda:N."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="TOML config (sections [model] [optim] [train] [data] [options])."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config key, e.g. --set model.n_layer=4 (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer) -> dict[str, Any]:
+    return {
+        "train.steps": steps, "train.tokens": tokens, "train.time": seconds,
+        "train.seed": seed, "train.device": device,
+        "data.path": str(data_dir) if data_dir else None,
+        "data.tokenizer": str(tokenizer) if tokenizer else None,
+    }
+
+
+@cli.command()
+@click.option("--objective", help="Objective to train (see `lmkit objectives`) [default: ar].")
+@train_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory [default: runs/<objective>-<preset>-<timestamp>].")
+@click.option("--resume", help="`auto` (continue --out if it has a checkpoint) or a RUN_DIR.")
+@click.option("--quiet", is_flag=True, help="No progress display (metrics.jsonl is still written).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON on stdout.")
+def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, device,
+          config_file, sets, out, resume, quiet, as_json) -> None:
+    """Train a model with an objective on the shared trunk.
+
+    Config precedence: defaults < --preset < --config < flags < --set. The resolved config is
+    saved as RUN/config.toml; `lmkit train --config RUN/config.toml` repeats the run, and
+    `lmkit train --resume RUN [--steps N]` continues it exactly where it stopped.
+    """
+    from lmkit.core.datasets import open_for_training
+    from lmkit.core.train import train as train_run
+    from lmkit.core.workflow import plan_training
+
+    flags = budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer)
+    flags["objective"] = objective
+    plan = plan_training(config_file=config_file, preset=preset, flags=flags, sets=sets,
+                         out=out, resume=resume)
+    source = open_for_training(plan.cfg.data, log=None if quiet else console.print)
+    summary = train_run(plan.cfg, source, plan.run_dir, resume=plan.resume,
+                        observer=TrainDisplay(quiet=quiet or as_json))
+    if as_json:
+        emit_json(summary)
+
+
+# -- eval --------------------------------------------------------------------------------------
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--max-tokens", type=int,
+              help="Score only this many targets: a deterministic prefix of the validation stream.")
+@click.option("--stride", type=int,
+              help="AR: also score sliding windows with this stride (e.g. 64).")
+@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
+              help="An evaluation option of the run's objective (repeatable).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Validation data, if it moved since training.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, help="Windows per forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (see docs).")
+def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, as_json) -> None:
+    """Score a run's checkpoint on validation data in bits per byte.
+
+    Each metric states its kind: `exact` (a true code length), `upper_bound` (a bound on one, with
+    the standard error of its estimate) or `score` (neither). Bytes are counted with the
+    tokenizer's exact LUT over exactly the scored tokens.
+    """
+    from lmkit.core.config import parse_set
+    from lmkit.core.evaluate import evaluate_run
+
+    options = dict(parse_set(o) for o in opts)
+    if stride is not None:
+        options["stride"] = stride
+    with console.status("evaluating…", spinner="dots") if not as_json else _nullctx():
+        result = evaluate_run(run_dir, max_tokens=max_tokens, options=options,
+                              data_dir=data_dir, device=device, batch_size=batch_size)
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(metrics_table(result))
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- plugins -----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Include the built-in plugins.")
+@click.option("--json", "as_json", is_flag=True)
+def plugins(show_all: bool, as_json: bool) -> None:
+    """List installed plugins with their versions and hooks."""
+    from lmkit.core.workflow import plugin_listing
+
+    rows = plugin_listing(include_builtins=show_all)
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        console.print("no third-party plugins installed (use --all to include the built-ins)")
+    for row in rows:
+        console.print(f"[bold]{row['name']}[/] ({row['distribution']} {row['version']}): "
+                      f"{', '.join(row['hooks'])}")
+
+
+def _list_entries(kind: str, as_json: bool) -> None:
+    from lmkit.core.workflow import entry_listing
+
+    rows = entry_listing(kind)
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        console.print(f"[bold]{row['name']}[/]  {row['description']}  "
+                      f"[dim]({row['plugin']}, {row['distribution']} {row['version']})[/]")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def objectives(as_json: bool) -> None:
+    """List the registered training objectives."""
+    _list_entries("objective", as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def samplers(as_json: bool) -> None:
+    """List the registered samplers."""
+    _list_entries("sampler", as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def presets(as_json: bool) -> None:
+    """List the model/training presets."""
+    from lmkit.core.config import PRESETS
+
+    rows = [{"name": n, "description": p["description"]} for n, p in PRESETS.items()]
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        console.print(f"[bold]{row['name']}[/]  {row['description']}")
+
+
+# -- bench -------------------------------------------------------------------------------------
+@cli.group()
+def bench() -> None:
+    """Speed benchmarks, measured side by side in one process."""
+
+
+@bench.command("train")
+@click.option("--preset", default="small", show_default=True)
+@click.option("--steps", default=8, show_default=True, help="Timed steps per precision.")
+@click.option("--warmup", default=2, show_default=True, help="Untimed steps first.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_train(preset: str, steps: int, warmup: int, device: str, as_json: bool) -> None:
+    """Training tokens/s and MFU (vs the matmul peak measured now) in fp32 and bf16."""
+    from lmkit.core.bench import bench_train as run
+
+    result = run(preset=preset, steps=steps, warmup=warmup, device=device,
+                 log=None if as_json else console.print)
+    if as_json:
+        emit_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"lmkit bench train · preset {preset} · {result['device']}")
+    for col in ("precision", "tok/s", "MFU", "peak matmul", "step time"):
+        table.add_column(col, justify="right")
+    for row in result["rows"]:
+        table.add_row(row["precision"], f"{row['tok_s']:,.0f}", f"{100 * row['mfu']:.1f}%",
+                      f"{row['peak_flops'] / 1e9:,.1f} GFLOP/s", f"{row['step_seconds']:.3f}s")
+    console.print(table)
+    console.print(f"bf16 / fp32 tokens/s: {result['bf16_over_fp32']:.2f}×")
+
+
+# -- entry point -------------------------------------------------------------------------------
+def _add_plugin_commands() -> None:
+    from lmkit.core.registry import get_registry
+
+    get_registry().pm.hook.register_commands(cli=cli)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit status 1."""
+    try:
+        _add_plugin_commands()
+        cli.main(args=argv, prog_name="lmkit", standalone_mode=False)
+    except LmkitError as exc:
+        console.print(f"[red]Error:[/] {exc}", soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

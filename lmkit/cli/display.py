@@ -1,0 +1,110 @@
+"""The human half of logging: a rich progress bar on a terminal, plain lines elsewhere."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+
+
+def fmt_count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def metric_cell(m: dict[str, Any]) -> str:
+    """A metric as one cell: '=' exact, '≤' upper bound, 'score', with ± stderr where estimated."""
+    prefix = {"exact": "=", "upper_bound": "≤", "score": "score "}[m["kind"]]
+    err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
+    return f"{prefix}{m['value']:.4f}{err} {m['unit']}"
+
+
+def train_line(r: dict[str, Any]) -> str:
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    return (f"step {r['step']} | loss {r['loss']:.4f} | lr×{r['lr_mult']:.2f} | "
+            f"{fmt_count(r['tok_s'])} tok/s | mfu {mfu} | tokens {fmt_count(r['tokens'])} | "
+            f"eta {fmt_seconds(r.get('eta_s'))}")
+
+
+def val_line(r: dict[str, Any]) -> str:
+    cells = ", ".join(f"{m['name']} {metric_cell(m)}" for m in r["metrics"])
+    return f"val @ step {r['step']} ({fmt_count(r['tokens'])} tokens): {cells}"
+
+
+class TrainDisplay:
+    """TrainObserver for people; degrades to one plain line per log step off a TTY."""
+
+    def __init__(self, quiet: bool = False, plain: bool | None = None):
+        self.quiet = quiet
+        self.plain = (not sys.stderr.isatty()) if plain is None else plain
+        self.progress: Progress | None = None
+        self.task = None
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        resumed = f", resumed at step {info['resumed_at']}" if info.get("resumed_at") else ""
+        console.print(
+            f"[bold]{info['objective']}[/] · preset {info['preset']} · "
+            f"{info['params']:,} params · {info['device']} {info['precision']} · "
+            f"{info['tokens_per_step']:,} tokens/step{resumed}\n→ {info['run_dir']}"
+        )
+        if not self.plain:
+            self.progress = Progress(
+                TextColumn("[progress.description]{task.description}"), BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                TextColumn("{task.fields[line]}"), console=console, transient=False,
+            )
+            self.task = self.progress.add_task("train", total=1.0, line="")
+            self.progress.start()
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["progress"], line=train_line(record))
+        else:
+            console.print(train_line(record))
+
+    def on_val(self, record: dict[str, Any]) -> None:
+        if not self.quiet:
+            console.print(val_line(record))
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if not self.quiet:
+            console.print(
+                f"done: {summary['steps']} steps, {fmt_count(summary['tokens'])} tokens in "
+                f"{fmt_seconds(summary['seconds'])} → {summary['run_dir']}"
+            )
+
+
+def metrics_table(result: dict[str, Any]) -> Table:
+    step = result["checkpoint"]["step"]
+    table = Table(title=f"{result['objective']} · {result['run']} · step {step}")
+    for col in ("metric", "kind", "value", "tokens", "bytes", "detail"):
+        table.add_column(col, justify="right" if col in ("tokens", "bytes") else "left")
+    for m in result["metrics"]:
+        detail = ", ".join(f"{k}={v}" for k, v in m["detail"].items())
+        table.add_row(m["name"], m["kind"], metric_cell(m), f"{m['tokens']:,}", f"{m['bytes']:,}",
+                      detail)
+    return table

@@ -1,0 +1,307 @@
+"""Exact bits-per-byte: SentencePiece byte LUTs and a meter that sums nats and bytes.
+
+Bits per byte only compares models across tokenizers and objectives if the byte count is the
+UTF-8 length of the text the tokens stand for. The count is taken per target token from three
+lookup tables and the previous token:
+
+    bytes(t | p) = base_bytes[t] + (leading_space[t] and not boundary[p])
+
+* control / unknown / unused ids, and every id past the tokenizer's pieces (MASK/PAD rows an
+  objective adds), are *boundaries* and count 0 bytes;
+* a byte-fallback piece ``<0xNN>`` is one byte (not the 3-4 bytes of the string ``"<0xNN>"``);
+* a normal piece starting with ``▁`` has a leading space: the space is one byte, counted only
+  when the previous token is not a boundary (SentencePiece drops a document's leading space);
+  the rest is its UTF-8 length, with any inner ``▁`` decoding to a 1-byte space.
+
+A tokenizer with no standalone ``▁`` piece (parameter-golf issue #897) byte-falls-back a space
+it cannot merge (before digits, symbols) into ``<0xE2><0x96><0x81>``. That triple stands for one
+space, not three bytes, and telling it from other ``E2 96 xx`` / ``xx 96 81`` sequences takes
+two tokens of context: such a LUT has ``needs_prev2`` and ``target_bytes`` then wants ``prev2``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmkit.errors import LmkitError
+
+if TYPE_CHECKING:
+    import sentencepiece as spm
+
+SPACE = "\u2581"  # SentencePiece's escaped whitespace
+LN2 = math.log(2.0)
+METRIC_KINDS = ("exact", "upper_bound", "score")
+
+
+def bits_per_byte(total_nats: float, total_bytes: int) -> float:
+    """Convert a summed NLL in nats over some tokens into bits per byte of their text."""
+    if total_bytes <= 0:
+        raise ValueError(f"bits per byte needs a positive byte count, got {total_bytes}")
+    return float(total_nats) / LN2 / float(total_bytes)
+
+
+def _load_sentencepiece(model: Any) -> tuple[Any, str]:
+    """Accept a path or a loaded processor; return (processor, name for error messages)."""
+    import sentencepiece as spm
+
+    if isinstance(model, spm.SentencePieceProcessor):
+        return model, "the given SentencePiece processor"
+    path = Path(model)
+    if not path.is_file():
+        raise LmkitError(f"tokenizer {path}: file not found; pass the SentencePiece .model "
+                         "the data was tokenized with")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path)), str(path)
+    except (OSError, RuntimeError) as e:
+        raise LmkitError(f"tokenizer {path}: not a loadable SentencePiece model ({e}); "
+                         "pass the .model file (not the .vocab)") from e
+
+
+@dataclass(frozen=True, eq=False)
+class ByteLUT:
+    """Per-token-id byte tables; pure tensors so it moves to any device and indexes in batch."""
+
+    base_bytes: torch.Tensor  # int64 [size]
+    leading_space: torch.Tensor  # bool [size]
+    boundary: torch.Tensor  # bool [size]
+    # ids of <0xE2>, <0x96>, <0x81> when a space can only be spelled by byte fallback (#897)
+    space_fallback: tuple[int, int, int] | None = None
+
+    @classmethod
+    def from_sentencepiece(cls, model: str | Path | spm.SentencePieceProcessor,
+                           size: int | None = None) -> ByteLUT:
+        """Build the LUT; ``size`` pads it so ids past the vocab (MASK, PAD) index safely."""
+        sp, name = _load_sentencepiece(model)
+        n = sp.get_piece_size()
+        size = n if size is None else int(size)
+        if size < n:
+            raise LmkitError(f"tokenizer {name} has {n} pieces but the model's vocabulary is "
+                             f"only {size}; use the tokenizer the data was prepared with")
+        base = torch.zeros(size, dtype=torch.int64)
+        lead = torch.zeros(size, dtype=torch.bool)
+        bound = torch.ones(size, dtype=torch.bool)  # ids >= n stay boundaries with 0 bytes
+        for i in range(n):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                continue
+            bound[i] = False
+            if sp.is_byte(i):
+                base[i] = 1
+                continue
+            piece = sp.id_to_piece(i)
+            if piece.startswith(SPACE):
+                lead[i] = True
+                piece = piece[1:]
+            base[i] = len(piece.replace(SPACE, " ").encode("utf-8"))
+        return cls(base, lead, bound, _space_fallback_ids(sp))
+
+    @property
+    def size(self) -> int:
+        return int(self.base_bytes.numel())
+
+    @property
+    def needs_prev2(self) -> bool:
+        """True when exact counts need the token two back (the tokenizer of issue #897)."""
+        return self.space_fallback is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_bytes.device
+
+    def to(self, device: torch.device | str) -> ByteLUT:
+        return ByteLUT(self.base_bytes.to(device), self.leading_space.to(device),
+                       self.boundary.to(device), self.space_fallback)
+
+    def target_bytes(self, targets: torch.Tensor, prev: torch.Tensor,
+                     prev2: torch.Tensor | None = None) -> torch.Tensor:
+        """UTF-8 bytes each target adds to the text, given the token(s) before it.
+
+        ``prev2`` (the token two back; -1 where there is none) is only read, and then required,
+        when ``needs_prev2``: the byte-fallback space ``E2 96 81`` is counted as one byte on
+        its ``E2``, the ``96`` after ``E2`` counts 0, and whatever follows ``E2 96`` adds the
+        pending byte back unless it is the ``81`` that completes the space.
+        """
+        out = self.base_bytes[targets] + (self.leading_space[targets] & ~self.boundary[prev])
+        if self.space_fallback is None:
+            return out
+        if prev2 is None:
+            raise ValueError("this tokenizer spells some spaces as byte-fallback <0xE2><0x96>"
+                             "<0x81> (no standalone '▁' piece); pass prev2, the token two back, "
+                             "to target_bytes / BpbMeter.add")
+        e2, b96, b81 = self.space_fallback
+        out = out - ((targets == b96) & (prev == e2)).long()
+        after_e2_96 = (prev == b96) & (prev2 == e2)
+        pending = 1 - 2 * (targets == b81).long()  # +1: the 96 byte after all; -1: it was a space
+        return out + after_e2_96.long() * pending
+
+    def sequence_bytes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Bytes of ``tokens[..., 1:]``, with ``tokens[..., 0]`` (e.g. BOS) as context only."""
+        prev2 = None
+        if self.needs_prev2:
+            pad = torch.full_like(tokens[..., :1], -1)
+            prev2 = torch.cat([pad, tokens], dim=-1)[..., :-2]
+        return self.target_bytes(tokens[..., 1:], tokens[..., :-1], prev2)
+
+
+def _space_fallback_ids(sp: Any) -> tuple[int, int, int] | None:
+    """The byte ids that spell '▁' when the vocab has no usable standalone '▁' piece."""
+    sid = sp.piece_to_id(SPACE)
+    usable = sp.id_to_piece(sid) == SPACE and not (
+        sp.is_control(sid) or sp.is_unknown(sid) or sp.is_unused(sid))
+    if usable:
+        return None
+    ids = tuple(sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE.encode("utf-8"))
+    if not all(sp.is_byte(i) for i in ids):
+        return None  # no byte fallback: spaces become <unk>, a boundary; nothing to correct
+    return ids  # type: ignore[return-value]
+
+
+@dataclass
+class Metric:
+    """One entry of ``lmkit eval --json``'s ``metrics``: a value and what it was computed over."""
+
+    name: str
+    kind: str  # one of METRIC_KINDS
+    value: float
+    unit: str  # "bpb" for bits per byte
+    stderr: float | None  # None where exact
+    tokens: int  # tokens the value was computed over
+    bytes: int  # LUT bytes of exactly those tokens
+    detail: dict = field(default_factory=dict)  # estimator, steps, samples, stride...
+
+    def __post_init__(self) -> None:
+        _check_kind(self.kind)
+        if self.kind == "exact" and self.stderr is not None:
+            raise ValueError(f"metric {self.name!r}: an exact value has no stderr")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "value": self.value, "unit": self.unit,
+                "stderr": self.stderr, "tokens": self.tokens, "bytes": self.bytes,
+                "detail": dict(self.detail)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Metric:
+        """Read a metric back from JSON; unknown extra keys (newer writers) are ignored."""
+        keys = ("name", "kind", "value", "unit", "stderr", "tokens", "bytes")
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise ValueError(f"metric record is missing {', '.join(missing)}: {d!r}")
+        stderr = None if d["stderr"] is None else float(d["stderr"])
+        return cls(str(d["name"]), str(d["kind"]), float(d["value"]), str(d["unit"]), stderr,
+                   int(d["tokens"]), int(d["bytes"]), dict(d.get("detail") or {}))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in METRIC_KINDS:
+        raise ValueError(f"metric kind must be one of {', '.join(METRIC_KINDS)}, got {kind!r}")
+
+
+class BpbMeter:
+    """Accumulates nats and exact LUT bytes over exactly the scored tokens, then reports bpb.
+
+    Sums stay float64/int64 tensors on the data's device so ``add`` never syncs the GPU;
+    ``metric()`` reads them once (all-reduced across ranks under torch.distributed).
+    """
+
+    def __init__(self, lut: ByteLUT, name: str, kind: str, detail: dict | None = None):
+        _check_kind(kind)
+        self.lut, self.name, self.kind = lut, name, kind
+        self.detail = dict(detail or {})
+        self._sums: torch.Tensor | None = None  # float64 [nats, var]
+        self._counts: torch.Tensor | None = None  # int64 [bytes, tokens, estimate calls]
+
+    def _accumulators(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._sums is None or self._counts is None:
+            self._sums = torch.zeros(2, dtype=torch.float64, device=device)
+            self._counts = torch.zeros(3, dtype=torch.int64, device=device)
+        return self._sums, self._counts
+
+    def _lut_on(self, device: torch.device) -> ByteLUT:
+        if self.lut.device != device:
+            self.lut = self.lut.to(device)  # cached: moved once, not per call
+        return self.lut
+
+    def add(self, nats: torch.Tensor, targets: torch.Tensor, prev: torch.Tensor,
+            mask: torch.Tensor | None = None, prev2: torch.Tensor | None = None) -> None:
+        """Add exact per-position NLLs (nats) of ``targets``; ``mask`` picks the scored positions.
+
+        Unscored positions may hold anything (ignore-index ids, inf nats): they are replaced
+        before indexing or summing.
+        """
+        if nats.shape != targets.shape or prev.shape != targets.shape:
+            raise ValueError(f"nats {tuple(nats.shape)}, targets {tuple(targets.shape)} and "
+                             f"prev {tuple(prev.shape)} must have the same shape")
+        lut = self._lut_on(targets.device)
+        sums, counts = self._accumulators(targets.device)
+        if mask is None:
+            nbytes = lut.target_bytes(targets, prev, prev2)
+            sums[0] += nats.double().sum()
+            counts[0] += nbytes.sum()
+            counts[1] += targets.numel()
+            return
+        mask = mask.to(torch.bool)
+        zero = torch.zeros((), dtype=targets.dtype, device=targets.device)
+        targets, prev = torch.where(mask, targets, zero), torch.where(mask, prev, zero)
+        nbytes = lut.target_bytes(targets, prev, prev2)
+        sums[0] += torch.where(mask, nats.double(), 0.0).sum()
+        counts[0] += torch.where(mask, nbytes, 0).sum()
+        counts[1] += mask.sum()
+
+    def add_estimate(self, nats: torch.Tensor, var: torch.Tensor, bytes: torch.Tensor,
+                     tokens: torch.Tensor) -> None:
+        """Add Monte-Carlo estimates: per unit (e.g. sequence) nats, the variance of that
+        estimate, and the unit's LUT bytes and token count (from ``lut.target_bytes``)."""
+        if self.kind == "exact":
+            raise ValueError(f"meter {self.name!r} is kind 'exact'; a Monte-Carlo estimate "
+                             "makes it an 'upper_bound' or a 'score'")
+        sums, counts = self._accumulators(nats.device)
+        sums[0] += nats.double().sum()
+        sums[1] += var.double().sum()
+        counts[0] += bytes.to(counts.device).long().sum()
+        counts[1] += tokens.to(counts.device).long().sum()
+        counts[2] += 1
+
+    def totals(self) -> tuple[float, float | None, int, int]:
+        """(nats, variance or None if nothing was estimated, bytes, tokens), over all ranks."""
+        if self._sums is None or self._counts is None:
+            sums = torch.zeros(2, dtype=torch.float64, device=_dist_device())
+            counts = torch.zeros(3, dtype=torch.int64, device=sums.device)
+        else:
+            sums, counts = self._sums.clone(), self._counts.clone()
+        if _distributed():
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        s, c = sums.tolist(), counts.tolist()
+        return s[0], (s[1] if c[2] > 0 else None), int(c[0]), int(c[1])
+
+    def metric(self) -> Metric:
+        """The bpb metric; an estimate carries stderr = sqrt(sum var) / ln 2 / bytes."""
+        nats, var, nbytes, ntokens = self.totals()
+        if nbytes <= 0:
+            raise ValueError(f"meter {self.name!r} scored {ntokens} tokens with 0 bytes; "
+                             "nothing was added or every target was a boundary")
+        stderr = None if var is None else math.sqrt(max(var, 0.0)) / LN2 / nbytes
+        return Metric(self.name, self.kind, bits_per_byte(nats, nbytes), "bpb", stderr,
+                      ntokens, nbytes, dict(self.detail))
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _dist_device() -> torch.device:
+    """Where an empty rank's zeros must live for all_reduce (NCCL only reduces CUDA tensors)."""
+    if _distributed():
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

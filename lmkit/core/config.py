@@ -1,0 +1,302 @@
+"""One config path: dataclass defaults < preset < ``--config`` TOML < CLI flags < ``--set k=v``.
+
+The resolved config is written to every run directory as TOML and can be fed back with
+``lmkit train --config RUN/config.toml`` to re-run it. Unknown keys are an error everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from lmkit.core.optim import OptimConfig
+from lmkit.core.trunk import ModelConfig
+from lmkit.errors import LmkitError
+
+
+@dataclass
+class TrainConfig:
+    """Budget, batch and bookkeeping of a training run."""
+
+    steps: int = 0                # budgets: training stops at the first one reached (0 = unset)
+    tokens: int = 0
+    time: float = 0.0             # seconds of training (validation excluded)
+    batch_tokens: int = 8192      # target tokens per optimizer step
+    micro_batch: int = 0          # sequences per forward/backward (0 = the whole step at once)
+    seq_len: int = 256
+    warmup_steps: int = 0
+    warmdown_frac: float = 0.2    # final fraction of the budget with LR decaying linearly to 0
+    log_every: int = 10
+    val_every: int = 0            # steps between validations (0 = only at the end)
+    val_tokens: int = 32768       # validation-stream targets scored during training
+    ckpt_every: int = 0           # steps between checkpoints (0 = only at the end)
+    seed: int = 1337
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"           # auto (bf16 autocast where supported) | bf16 | fp32
+    compile: bool = False         # torch.compile the model
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                # prepared shards ("" = the default corpus, prepared once)
+    tokenizer: str = ""           # SentencePiece model ("" = the one in the data directory)
+    group_size: int = 0           # training shards held in memory at once (0 = all)
+
+
+@dataclass
+class RunConfig:
+    objective: str = "ar"
+    preset: str = "small"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    options: dict[str, Any] = field(default_factory=dict)  # the objective's own, TOML [options]
+
+
+SECTIONS = ("model", "optim", "train", "data")
+BUDGET_KEYS = ("steps", "tokens", "time")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "description": "2 layers, d=64: for tests and smoke runs (seconds on a CPU)",
+        "model": {"n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2, "seq_len": 64},
+        "optim": {"name": "adamw", "lr": 3e-3},
+        "train": {"seq_len": 64, "batch_tokens": 1024, "steps": 40, "log_every": 5,
+                  "val_tokens": 4096, "warmup_steps": 5},
+    },
+    "small": {
+        "description": "4 layers, d=256, seq 256: a CPU demo that learns real text in minutes",
+        "model": {"n_layer": 4, "d_model": 256, "n_head": 4, "n_kv_head": 2, "seq_len": 256},
+        "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
+        "train": {"seq_len": 256, "batch_tokens": 8192, "steps": 600, "log_every": 10,
+                  "val_every": 200, "val_tokens": 32768, "warmup_steps": 20},
+    },
+    "pg-baseline": {
+        "description": "the parameter-golf baseline: 9 layers, d=512, GQA 8/4, Muon, seq 1024, "
+                       "524,288 tokens/step (17,059,912 parameters)",
+        "model": {},
+        "optim": {"name": "muon"},
+        "data": {"group_size": 8},
+        "train": {"seq_len": 1024, "batch_tokens": 524288, "steps": 20000, "warmup_steps": 0,
+                  "warmdown_frac": 0.06, "log_every": 50, "val_every": 1000,
+                  "val_tokens": 1048576, "ckpt_every": 1000},
+    },
+}
+
+
+def _convert(value: Any, typ: Any, key: str) -> Any:
+    """Coerce a TOML or command-line value to a dataclass field's type."""
+    if isinstance(typ, str):
+        typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ)
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, str) and "e" in value.lower():
+                return int(float(value))  # 1e6 on the command line
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise LmkitError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+    return value
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints.get(f.name, f.type) for f in fields(obj)}
+
+
+def _unknown(key: str, known: list[str], where: str) -> LmkitError:
+    close = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return LmkitError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def apply_section(obj: Any, values: dict[str, Any], section: str, where: str) -> None:
+    types_ = _field_types(obj)
+    for key, value in values.items():
+        if key not in types_:
+            raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k in types_], where)
+        setattr(obj, key, _convert(value, types_[key], f"{section}.{key}"))
+
+
+def apply_mapping(cfg: RunConfig, data: dict[str, Any], where: str) -> None:
+    """Apply a nested mapping (a TOML document or a preset) onto ``cfg``."""
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise LmkitError(f"{where}: [{key}] must be a table")
+            apply_section(getattr(cfg, key), value, key, where)
+        elif key == "options":
+            if not isinstance(value, dict):
+                raise LmkitError(f"{where}: [options] must be a table")
+            cfg.options.update(value)
+        elif key in ("objective", "preset"):
+            setattr(cfg, key, str(value))
+        elif key == "description":
+            continue
+        else:
+            raise _unknown(key, [*SECTIONS, "options", "objective", "preset"], where)
+
+
+def parse_set(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise LmkitError(f"--set {item!r}: expected key=value, e.g. --set model.n_layer=4")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def apply_set(cfg: RunConfig, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    if section == "options" and name:
+        cfg.options[name] = value
+        return
+    if section in SECTIONS and name:
+        apply_section(getattr(cfg, section), {name: value}, section, "--set")
+        return
+    if key in ("objective", "preset"):
+        setattr(cfg, key, str(value))
+        return
+    known = [f"{s}.{f.name}" for s in SECTIONS for f in fields(getattr(cfg, s))]
+    raise _unknown(key, known, "--set")
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise LmkitError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LmkitError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def resolve_config(
+    *,
+    config_file: Path | None = None,
+    preset: str | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> RunConfig:
+    """Build a RunConfig: defaults < preset < TOML < flags < ``--set``.
+
+    ``flags`` maps dotted keys to values given as CLI flags (None = not given). Giving any budget
+    flag (steps/tokens/time) replaces the budget from the preset or file instead of adding to it.
+    """
+    toml = load_toml(config_file) if config_file else {}
+    cfg = RunConfig()
+    preset_name = preset or str(toml.get("preset") or cfg.preset)
+    if preset_name not in PRESETS:
+        raise LmkitError(f"unknown preset {preset_name!r}; available: {', '.join(PRESETS)}")
+    apply_mapping(cfg, PRESETS[preset_name], f"preset {preset_name}")
+    cfg.preset = preset_name
+    apply_mapping(cfg, {k: v for k, v in toml.items() if k != "preset"}, str(config_file))
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    if any(f"train.{b}" in given for b in BUDGET_KEYS):
+        for b in BUDGET_KEYS:
+            setattr(cfg.train, b, type(getattr(cfg.train, b))(0))
+    for key, value in given.items():
+        apply_set(cfg, key, value)
+    for item in sets:
+        apply_set(cfg, *parse_set(item))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    t = cfg.train
+    if not (t.steps or t.tokens or t.time):
+        raise LmkitError("no training budget: give --steps, --tokens or --time")
+    for key in BUDGET_KEYS:
+        if getattr(t, key) < 0:
+            raise LmkitError(f"--{key} must be positive")
+    if t.seq_len <= 0 or t.batch_tokens < t.seq_len:
+        raise LmkitError(
+            f"train.batch_tokens ({t.batch_tokens}) must be at least train.seq_len ({t.seq_len})"
+        )
+    if t.dtype not in ("auto", "bf16", "fp32"):
+        raise LmkitError(f"train.dtype must be auto, bf16 or fp32, not {t.dtype!r}")
+    if cfg.model.d_model % cfg.model.n_head or cfg.model.n_head % cfg.model.n_kv_head:
+        raise LmkitError("model.d_model must divide by n_head, and n_head by n_kv_head")
+
+
+def build_options(options_cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate an objective's Options/EvalOptions dataclass from loose values."""
+    obj = options_cls()
+    if not dataclasses.is_dataclass(obj):
+        if values:
+            raise LmkitError(f"{where} takes no options, got {', '.join(values)}")
+        return obj
+    types_ = _field_types(obj)
+    for key, value in values.items():
+        if key not in types_:
+            raise _unknown(f"{where}.{key}", [f"{where}.{k}" for k in types_], where)
+        setattr(obj, key, _convert(value, types_[key], f"{where}.{key}"))
+    return obj
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"objective": cfg.objective, "preset": cfg.preset}
+    for section in SECTIONS:
+        out[section] = dataclasses.asdict(getattr(cfg, section))
+    out["options"] = dict(cfg.options)
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as TOML that :func:`resolve_config` reads back to the same config."""
+    lines = [f"objective = {_toml_value(cfg.objective)}", f"preset = {_toml_value(cfg.preset)}"]
+    sections = {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
+    sections["options"] = dict(cfg.options)
+    for name, values in sections.items():
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from :func:`to_dict` output (as stored in a run directory)."""
+    cfg = RunConfig(objective=data["objective"], preset=data["preset"])
+    for section in SECTIONS:
+        apply_section(getattr(cfg, section), data.get(section, {}), section, "run config")
+    cfg.options = dict(data.get("options", {}))
+    return cfg
+
+
+def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from its stored dict (unknown keys are an error, as everywhere)."""
+    cfg = ModelConfig()
+    apply_section(cfg, values, "model", "run.json")
+    return cfg

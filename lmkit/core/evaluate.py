@@ -1,0 +1,65 @@
+"""``lmkit eval``: score a run's latest checkpoint on its validation data, per the JSON contract."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmkit.core import config as config_mod
+from lmkit.core import runs
+from lmkit.core.bpb import ByteLUT
+from lmkit.core.data import load_val_tokens, open_data
+from lmkit.core.device import autocast, resolve_device, resolve_dtype
+from lmkit.core.train import run_evaluation
+from lmkit.protocols import EvalContext
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    max_tokens: int | None = None,
+    options: dict[str, Any] | None = None,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Evaluate ``run_dir`` and write ``eval.json`` there; return the JSON object."""
+    dev = resolve_device(device)
+    run = runs.load_run(run_dir, device=dev)
+    cfg = run.config
+    stored = run.meta["data"]
+    # The run's own tokenizer copy: open_data refuses shards whose manifest names another one.
+    data = open_data(Path(data_dir or stored["dir"]), run.tokenizer_path)
+    precision = resolve_dtype(dtype or cfg.train.dtype, dev)
+    eval_options = config_mod.build_options(run.objective.EvalOptions, options or {}, "eval")
+    val = load_val_tokens(data, max_tokens)
+    lut = ByteLUT.from_sentencepiece(run.tokenizer_path, size=run.model.padded_vocab).to(dev)
+    bs = batch_size or max(1, cfg.train.batch_tokens // cfg.train.seq_len)
+    ctx = EvalContext(
+        val_tokens=val, seq_len=cfg.train.seq_len, batch_size=bs, device=dev,
+        autocast=autocast(dev, precision), lut=lut, tokens=run.tokens,
+        seed=cfg.train.seed if seed is None else seed, purpose="eval", options=eval_options,
+        progress=progress or (lambda done, total: None),
+    )
+    t0 = time.perf_counter()
+    torch.manual_seed(ctx.seed)
+    metrics = run_evaluation(run.model, run.objective, ctx)
+    result = {
+        "run": str(run.path),
+        "objective": cfg.objective,
+        "checkpoint": {"step": run.state["step"], "tokens": run.state["tokens"]},
+        "params": run.meta["model"]["params"],
+        "data": {"dir": str(data.dir), "val_targets": int(val.numel() - 1),
+                 "max_tokens": max_tokens, "tokenizer_sha256": data.tokenizer_sha256},
+        "precision": precision,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "metrics": [m.to_dict() for m in metrics],
+    }
+    runs.write_json(run.path / runs.EVAL_FILE, result)
+    return result

@@ -1,0 +1,184 @@
+"""Optimizers for the trunk: plain AdamW, or the baseline's Muon + Adam split.
+
+Muon (momentum, then orthogonalise the update with a Newton-Schulz iteration) trains the block
+matrices; Adam handles what Muon is not meant for (embedding, head, gains, scales, AdaLN). Every
+param group carries ``base_lr`` so the training loop applies its schedule as
+``group["lr"] = group["base_lr"] * mult`` without knowing which optimizer it is talking to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from lmkit.errors import LmkitError
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients of the baseline
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer settings; the Muon numbers are the parameter-golf baseline's."""
+
+    name: str = "adamw"  # "adamw" | "muon"
+    lr: float = 3e-4  # adamw: all params
+    weight_decay: float = 0.0  # adamw only: on matrices, embedding and head (never on vectors)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # 0 = off (the training loop applies it)
+    matrix_lr: float = 0.04  # muon: block matrices
+    embed_lr: float = 0.05  # muon mode: Adam on the (tied) embedding
+    head_lr: float = 0.008  # muon mode: Adam on an untied head
+    scalar_lr: float = 0.04  # muon mode: Adam on vectors/scalars and the AdaLN/time MLP
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85
+    muon_momentum_warmup: int = 500
+    muon_ns_steps: int = 5
+
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximately replace ``g`` by the nearest semi-orthogonal matrix (``U V^T`` of its SVD).
+
+    The quintic iteration pushes every singular value towards 1 (into roughly [0.7, 1.2], which is
+    all Muon needs) in a few bf16 matmuls; it works on the wide orientation so ``X X^T`` is small.
+    """
+    a, b, c = NS_COEFFS
+    x = g.bfloat16()
+    x = x / (x.norm() + eps)  # Frobenius norm >= spectral norm, so singular values start <= 1
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        xxt = x @ x.T
+        x = a * x + (b * xxt + c * xxt @ xxt) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D weight matrices only.
+
+    Per step: ``buf = m*buf + g``; Nesterov ``g = g + m*buf``;
+    ``u = NS(g) * max(1, rows/cols)^0.5``; ``p -= lr * u``. No weight decay. Set
+    ``group["momentum"]`` each step to warm it up (see :func:`muon_momentum`).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.04,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+    ):
+        params = list(params)
+        for p in params:
+            tensors = p["params"] if isinstance(p, dict) else [p]
+            if any(t.ndim != 2 for t in tensors):
+                raise ValueError("Muon only handles 2-D weight matrices; give the rest to Adam")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            m = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.mul_(m).add_(g)
+                if group["nesterov"]:
+                    g = g.add(buf, alpha=m)
+                update = newton_schulz(g, steps=group["ns_steps"])
+                update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+        return loss
+
+
+def muon_momentum(
+    step: int, start: float = 0.85, end: float = 0.95, warmup_steps: int = 500
+) -> float:
+    """Muon momentum at ``step``: linear from ``start`` to ``end`` over ``warmup_steps``.
+
+    Low momentum early keeps the first, large and noisy gradients from dominating the buffer.
+    """
+    if warmup_steps <= 0:
+        return end
+    frac = min(max(step, 0) / warmup_steps, 1.0)
+    return (1 - frac) * start + frac * end
+
+
+def set_schedule(
+    optimizers: list[torch.optim.Optimizer], cfg: OptimConfig, step: int, lr_mult: float
+) -> None:
+    """Apply one step's schedule: lr = base_lr * lr_mult everywhere, Muon momentum warm-up."""
+    m = muon_momentum(step, cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+            if isinstance(opt, Muon):
+                group["momentum"] = m
+
+
+def _group(name: str, params: list[nn.Parameter], lr: float, **extra) -> dict:
+    return dict(name=name, params=params, lr=lr, base_lr=lr, **extra)
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:
+    """Optimizers for ``model`` (a :class:`~lmkit.core.trunk.Transformer`), per ``cfg.name``.
+
+    Build them after moving the model to its device (fused Adam is chosen on CUDA). A
+    ``torch.compile``-d model is unwrapped. Empty groups are left out.
+    """
+    model = getattr(model, "_orig_mod", model)
+    if not hasattr(model, "param_groups"):
+        raise TypeError("build_optimizers needs a model with param_groups() (lmkit Transformer)")
+    roles: dict[str, list[nn.Parameter]] = model.param_groups()
+    betas = (cfg.beta1, cfg.beta2)
+    fused = all(p.is_cuda for p in model.parameters()) or None
+
+    if cfg.name == "adamw":
+        big = roles["matrix"] + roles["embed"] + roles["head"]
+        big += [p for p in roles["cond"] if p.ndim >= 2]
+        taken = {id(p) for p in big}
+        small = [p for ps in roles.values() for p in ps if id(p) not in taken]
+        groups = [
+            _group("decay", big, cfg.lr, weight_decay=cfg.weight_decay),
+            _group("no_decay", small, cfg.lr, weight_decay=0.0),
+        ]
+        groups = [g for g in groups if g["params"]]
+        return [torch.optim.AdamW(groups, betas=betas, eps=cfg.eps, fused=fused)]
+
+    if cfg.name == "muon":
+        muon = Muon(
+            [_group("matrix", roles["matrix"], cfg.matrix_lr)],
+            lr=cfg.matrix_lr,
+            momentum=cfg.muon_momentum,
+            ns_steps=cfg.muon_ns_steps,
+        )
+        groups = [
+            _group("embed", roles["embed"], cfg.embed_lr),
+            _group("head", roles["head"], cfg.head_lr),
+            _group("scalar", roles["scalar"] + roles["cond"], cfg.scalar_lr),
+        ]
+        groups = [g for g in groups if g["params"]]
+        adam = torch.optim.Adam(groups, betas=betas, eps=cfg.eps, weight_decay=0.0, fused=fused)
+        return [muon, adam]
+
+    known = ", ".join(OPTIMIZERS)
+    raise LmkitError(f"optimizer name {cfg.name!r} is not known: set optim.name to one of {known}")

@@ -1,0 +1,207 @@
+"""The plugin host: one pluggy manager, built-ins and third-party plugins loaded the same way.
+
+Every registration goes through one callback that records which plugin (and distribution and
+version) registered it, validates it, and rejects duplicate names naming both plugins. A plugin
+that fails to import or register is rolled back with one warning; ``LMKIT_STRICT_PLUGINS=1``
+re-raises instead, and ``LMKIT_LOAD_PLUGINS=a,b`` restricts third-party plugins to an allow-list.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from lmkit import __version__, hookspecs
+from lmkit.errors import LmkitError
+
+ENTRY_POINT_GROUP = "lmkit"
+BUILTIN_PLUGINS = (
+    "lmkit.plugins.ar",
+    "lmkit.plugins.corpora",
+)
+KINDS = {
+    # hook name -> (kind, attributes every registered object must have)
+    "register_objectives": ("objective", None),
+    "register_samplers": ("sampler", ("name", "description")),
+    "register_corpora": ("corpus", ("name", "description", "documents")),
+}
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed to load and was skipped."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered thing and where it came from."""
+
+    kind: str
+    name: str
+    obj: Any
+    plugin: str
+    distribution: str
+    version: str
+    description: str = ""
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str
+    version: str
+    builtin: bool
+    hooks: list[str] = field(default_factory=list)
+
+
+class Registry:
+    """Loaded plugins and everything they registered."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("lmkit")
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind, _ in KINDS.values()}
+        self.failures: list[str] = []
+
+    # -- loading -----------------------------------------------------------------------------
+    def load(self, builtins: tuple[str, ...] = BUILTIN_PLUGINS, entry_points: bool = True) -> None:
+        for module_name in builtins:
+            module = importlib.import_module(module_name)
+            self.add_plugin(module, module_name, "lmkit", __version__, builtin=True)
+        if entry_points:
+            self._load_entry_points()
+        self.pm.check_pending()
+
+    def _load_entry_points(self) -> None:
+        allow = os.environ.get("LMKIT_LOAD_PLUGINS")
+        allowed = None if allow is None else {a.strip() for a in allow.split(",") if a.strip()}
+        for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "?"
+            version = dist.version if dist is not None else "?"
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - isolate any failure of third-party code
+                self._fail(f"entry point {ep.name!r} ({ep.value}) of {dist_name} {version}", exc)
+                continue
+            self.add_plugin(plugin, ep.name, dist_name, version, builtin=False)
+
+    def add_plugin(
+        self, plugin: Any, name: str, distribution: str, version: str, builtin: bool = False
+    ) -> None:
+        """Register ``plugin`` and collect its registrations; roll it back if any hook raises."""
+        if self.pm.get_plugin(name) is not None:
+            raise LmkitError(f"two plugins are both named {name!r}; uninstall one of them")
+        self.pm.register(plugin, name=name)
+        info = PluginInfo(name, distribution, version, builtin)
+        info.hooks = sorted(
+            impl.function.__name__
+            for caller in self.pm.get_hookcallers(plugin) or []
+            for impl in caller.get_hookimpls()
+            if impl.plugin is plugin
+        )
+        self.plugins[name] = info
+        try:
+            for hook_name, (kind, _) in KINDS.items():
+                for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                    if impl.plugin is plugin:
+                        impl.function(register=self._register_callback(kind, info))
+        except LmkitError:
+            self._rollback(name)
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolate any failure of third-party code
+            self._rollback(name)
+            self._fail(f"plugin {name!r} of {distribution} {version}", exc)
+
+    def _register_callback(self, kind: str, info: PluginInfo) -> Callable[[Any], None]:
+        def register(obj: Any) -> None:
+            self._validate(kind, obj, info)
+            name = obj.name
+            existing = self.entries[kind].get(name)
+            if existing is not None:
+                raise LmkitError(
+                    f"{kind} {name!r} is registered twice: by plugin {existing.plugin!r} "
+                    f"({existing.distribution} {existing.version}) and by plugin {info.name!r} "
+                    f"({info.distribution} {info.version}); uninstall or rename one of them"
+                )
+            self.entries[kind][name] = Entry(
+                kind, name, obj, info.name, info.distribution, info.version,
+                str(getattr(obj, "description", "")),
+            )
+
+        return register
+
+    @staticmethod
+    def _validate(kind: str, obj: Any, info: PluginInfo) -> None:
+        if kind == "objective":
+            from lmkit.protocols import REQUIRED_OBJECTIVE_ATTRS
+
+            required: tuple[str, ...] = REQUIRED_OBJECTIVE_ATTRS
+        else:
+            required = next(attrs for k, attrs in KINDS.values() if k == kind)
+        missing = [a for a in required if not hasattr(obj, a)]
+        name = getattr(obj, "name", None)
+        if missing or not isinstance(name, str) or not name:
+            raise TypeError(
+                f"{kind} {obj!r} from plugin {info.name!r} lacks {', '.join(missing) or 'a name'}"
+            )
+
+    def _rollback(self, name: str) -> None:
+        for by_name in self.entries.values():
+            for entry_name in [n for n, e in by_name.items() if e.plugin == name]:
+                del by_name[entry_name]
+        self.plugins.pop(name, None)
+        self.pm.unregister(name=name)
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        if os.environ.get("LMKIT_STRICT_PLUGINS", "") not in ("", "0"):
+            raise LmkitError(f"{what} failed to load: {type(exc).__name__}: {exc}") from exc
+        message = f"lmkit: skipped {what}: {type(exc).__name__}: {exc}"
+        self.failures.append(message)
+        warnings.warn(message, PluginWarning, stacklevel=2)
+
+    # -- lookup ------------------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> Entry:
+        try:
+            return self.entries[kind][name]
+        except KeyError:
+            known = ", ".join(sorted(self.entries[kind])) or "none"
+            raise LmkitError(
+                f"unknown {kind} {name!r}; available: {known} (see `lmkit plugins`)"
+            ) from None
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loaded on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        registry = Registry()
+        registry.load()
+        _REGISTRY = registry
+    return _REGISTRY
+
+
+def reset_registry(registry: Registry | None = None) -> None:
+    """Replace (or drop, to reload lazily) the process-wide registry; used by tests."""
+    global _REGISTRY
+    _REGISTRY = registry
+
+
+def get_objective(name: str) -> Entry:
+    return get_registry().get("objective", name)
+
+
+def get_corpus(name: str) -> Entry:
+    return get_registry().get("corpus", name)

@@ -1,0 +1,305 @@
+"""The training loop, top to bottom: build, (resume), step, log, validate, checkpoint.
+
+Core knows no objective by name: it asks the registry for the class named in the config and
+calls its ``loss`` and ``evaluate``. Resuming restores model, optimizers, RNG and the loader's
+position, so a resumed run follows the uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lmkit.core import config as config_mod
+from lmkit.core import runs
+from lmkit.core.bpb import ByteLUT, Metric
+from lmkit.core.checkpoint import load_checkpoint, save_checkpoint
+from lmkit.core.config import RunConfig
+from lmkit.core.data import DataSource, RotatingLoader, load_val_tokens
+from lmkit.core.device import autocast, resolve_device, resolve_dtype, synchronize
+from lmkit.core.optim import build_optimizers, muon_momentum
+from lmkit.core.perf import measure_peak_flops
+from lmkit.core.registry import get_objective
+from lmkit.core.trunk import Transformer, count_params, flops_per_token
+from lmkit.errors import LmkitError
+from lmkit.protocols import Batch, EvalContext, TokenSpec
+
+
+class TrainObserver(Protocol):
+    """The human half of logging (the CLI's progress display); JSONL is written by core."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_log(self, record: dict[str, Any]) -> None: ...
+    def on_val(self, record: dict[str, Any]) -> None: ...
+    def on_end(self, summary: dict[str, Any]) -> None: ...
+
+
+class NullObserver:
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_log(self, record: dict[str, Any]) -> None: ...
+    def on_val(self, record: dict[str, Any]) -> None: ...
+    def on_end(self, summary: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Budget:
+    steps: int
+    tokens: int
+    seconds: float
+
+    def progress(self, step: int, tokens: int, seconds: float) -> float:
+        """Fraction of the budget used: the largest of the budgets that are set."""
+        parts = [step / self.steps if self.steps else 0.0,
+                 tokens / self.tokens if self.tokens else 0.0,
+                 seconds / self.seconds if self.seconds else 0.0]
+        return max(parts)
+
+
+def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_frac: float) -> float:
+    """Linear warmup over steps, constant, then linear decay to 0 over the last fraction."""
+    mult = 1.0
+    if warmup_steps and step < warmup_steps:
+        mult = (step + 1) / warmup_steps
+    if warmdown_frac > 0 and progress > 1 - warmdown_frac:
+        mult = min(mult, max(0.0, (1 - progress) / warmdown_frac))
+    return mult
+
+
+@dataclass
+class Setup:
+    """Everything built from a config, shared by training, evaluation and benchmarks."""
+
+    cfg: RunConfig
+    device: torch.device
+    dtype: str
+    data: DataSource
+    tokens: TokenSpec
+    objective: Any
+    model_cfg: Any
+    model: Transformer
+    lut: ByteLUT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def autocast(self) -> Callable[[], Any]:
+        return autocast(self.device, self.dtype)
+
+
+def build(cfg: RunConfig, data: DataSource) -> Setup:
+    """Objective + model + byte LUT for ``cfg`` on ``data``; validates the objective's options."""
+    entry = get_objective(cfg.objective)
+    cls = entry.obj
+    device = resolve_device(cfg.train.device)
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    specials = tuple(cls.special_tokens)
+    tokens = TokenSpec(
+        vocab_size=data.vocab_size,
+        bos_id=data.bos_id,
+        special={name: data.vocab_size + i for i, name in enumerate(specials)},
+    )
+    options = config_mod.build_options(cls.Options, cfg.options, "options")
+    cfg.options = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
+    objective = cls(options, tokens)
+    model_cfg = objective.configure_model(dataclasses.replace(cfg.model))
+    model_cfg.seq_len = max(model_cfg.seq_len, cfg.train.seq_len)
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(model_cfg, tokens.vocab_size, len(specials)).to(device)
+    lut = ByteLUT.from_sentencepiece(data.tokenizer_path, size=model.padded_vocab).to(device)
+    return Setup(cfg, device, dtype, data, tokens, objective, model_cfg, model, lut)
+
+
+def batch_geometry(cfg: RunConfig) -> tuple[int, int, int]:
+    """(sequences per micro-batch, micro-batches per step, tokens per optimizer step)."""
+    t = cfg.train
+    seqs_per_step = max(1, t.batch_tokens // t.seq_len)
+    micro = min(t.micro_batch or seqs_per_step, seqs_per_step)
+    accum = math.ceil(seqs_per_step / micro)
+    return micro, accum, accum * micro * t.seq_len
+
+
+def train_step(setup: Setup, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
+               loader: RotatingLoader, accum: int, step: int) -> float:
+    """One optimizer step over ``accum`` micro-batches; returns the mean loss."""
+    loss_sum = torch.zeros((), device=setup.device)
+    for _ in range(accum):
+        batch = Batch(tokens=loader.next_batch().to(setup.device, non_blocking=True), step=step)
+        with setup.autocast():
+            out = setup.objective.loss(model, batch)
+        (out.loss / accum).backward()
+        loss_sum += out.loss.detach().float()
+    if setup.cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(setup.model.parameters(), setup.cfg.optim.grad_clip)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return float(loss_sum) / accum  # one sync per step keeps the clock honest
+
+
+def eval_context(setup: Setup, val_tokens: torch.Tensor, purpose: str, options: Any,
+                 batch_size: int, seed: int | None = None) -> EvalContext:
+    return EvalContext(
+        val_tokens=val_tokens, seq_len=setup.cfg.train.seq_len, batch_size=batch_size,
+        device=setup.device, autocast=setup.autocast, lut=setup.lut, tokens=setup.tokens,
+        seed=setup.cfg.train.seed if seed is None else seed, purpose=purpose, options=options,
+    )
+
+
+def run_evaluation(model: torch.nn.Module, objective: Any, ctx: EvalContext) -> list[Metric]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            metrics = objective.evaluate(model, ctx)
+    finally:
+        model.train(was_training)
+    for m in metrics:
+        if not isinstance(m, Metric):
+            raise TypeError(f"objective {objective.name!r} returned {type(m).__name__}, not Metric")
+    return metrics
+
+
+def _write_run_files(run_dir: Path, setup: Setup) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / runs.CONFIG_FILE).write_text(config_mod.to_toml(setup.cfg))
+    shutil.copyfile(setup.data.tokenizer_path, run_dir / runs.TOKENIZER_FILE)
+    runs.write_json(run_dir / runs.RUN_FILE, {
+        "format": "lmkit-run/1",
+        "objective": setup.cfg.objective,
+        "config": config_mod.to_dict(setup.cfg),
+        "model": runs.model_meta(setup.model_cfg, setup.model),
+        "tokens": {"vocab_size": setup.tokens.vocab_size, "bos_id": setup.tokens.bos_id,
+                   "special": dict(setup.tokens.special)},
+        "data": setup.data.describe(),
+        "environment": runs.environment(setup.device),
+        "precision": setup.dtype,
+    })
+
+
+def train(
+    cfg: RunConfig,
+    data: DataSource,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    observer: TrainObserver | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` on ``data`` into ``run_dir``; return a summary (also logged)."""
+    observer = observer or NullObserver()
+    t = cfg.train
+    setup = build(cfg, data)
+    model, objective, device = setup.model, setup.objective, setup.device
+    optimizers = build_optimizers(model, cfg.optim)
+    micro, accum, tokens_per_step = batch_geometry(cfg)
+    loader = RotatingLoader(
+        data.train_shards, batch_size=micro, seq_len=t.seq_len, seed=t.seed,
+        group_size=cfg.data.group_size, vocab_size=data.vocab_size,
+    )
+    val_tokens = load_val_tokens(data, t.val_tokens or None)
+    budget = Budget(t.steps, t.tokens, t.time)
+    log = runs.MetricsLog(run_dir / runs.METRICS_FILE)
+
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+    if resume:
+        state = load_checkpoint(run_dir, model, optimizers)
+        step, tokens_seen, train_seconds = state["step"], state["tokens"], state["seconds"]
+        loader.load_state_dict(state["loader"])
+        log.truncate_after(step)
+    else:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise LmkitError(
+                f"{run_dir} already exists and is not empty; pass --resume auto to continue it "
+                f"or choose another --out"
+            )
+    _write_run_files(run_dir, setup)
+
+    step_model = torch.compile(model) if t.compile else model
+    n_params = count_params(model)
+    flops_tok = flops_per_token(setup.model_cfg, n_params, t.seq_len, data.vocab_size)
+    peak = measure_peak_flops(device, setup.dtype)
+    info = {
+        "run_dir": str(run_dir), "objective": cfg.objective, "preset": cfg.preset,
+        "params": n_params, "device": str(device), "precision": setup.dtype,
+        "tokens_per_step": tokens_per_step, "accum": accum, "budget": dataclasses.asdict(budget),
+        "resumed_at": step if resume else None, "peak_flops": peak,
+    }
+    observer.on_start(info)
+
+    def validate() -> list[dict[str, Any]]:
+        ctx = eval_context(setup, val_tokens, "validation",
+                           config_mod.build_options(objective.EvalOptions, {}, "eval"), micro)
+        metrics = [m.to_dict() for m in run_evaluation(model, objective, ctx)]
+        record = {"type": "val", "step": step, "tokens": tokens_seen,
+                  "seconds": train_seconds, "metrics": metrics}
+        log.write(record)
+        observer.on_val(record)
+        return metrics
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir, model, optimizers, {
+            "step": step, "tokens": tokens_seen, "seconds": train_seconds,
+            "loader": loader.state_dict(),
+        })
+
+    model.train()
+    window_t0, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+    last_val: list[dict[str, Any]] = []
+    while budget.progress(step, tokens_seen, train_seconds) < 1.0:
+        t0 = time.perf_counter()
+        progress = budget.progress(step, tokens_seen, train_seconds)
+        mult = lr_multiplier(step, progress, t.warmup_steps, t.warmdown_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * mult
+                if "momentum" in group and group.get("muon"):
+                    group["momentum"] = muon_momentum(
+                        step, cfg.optim.muon_momentum_start, cfg.optim.muon_momentum,
+                        cfg.optim.muon_momentum_warmup)
+        loss = train_step(setup, step_model, optimizers, loader, accum, step)
+        step += 1
+        tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+        window_loss += loss
+        window_n += 1
+        train_seconds += time.perf_counter() - t0
+
+        done = budget.progress(step, tokens_seen, train_seconds) >= 1.0
+        if step % t.log_every == 0 or done or step == 1:
+            synchronize(device)
+            elapsed = time.perf_counter() - window_t0
+            tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
+            frac = budget.progress(step, tokens_seen, train_seconds)
+            record = {
+                "type": "train", "step": step, "tokens": tokens_seen,
+                "seconds": round(train_seconds, 3), "loss": window_loss / window_n,
+                "lr_mult": mult, "tok_s": tok_s,
+                "mfu": flops_tok * tok_s / peak if peak else None,
+                "progress": min(frac, 1.0),
+                "eta_s": train_seconds * (1 - frac) / frac if frac > 0 else None,
+            }
+            log.write(record)
+            observer.on_log(record)
+            window_t0, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+        if t.val_every and step % t.val_every == 0 and not done:
+            last_val = validate()
+            window_t0 = time.perf_counter()
+        if t.ckpt_every and step % t.ckpt_every == 0 and not done:
+            checkpoint()
+
+    last_val = validate()
+    checkpoint()
+    summary = {
+        "run_dir": str(run_dir), "objective": cfg.objective, "steps": step,
+        "tokens": tokens_seen, "seconds": train_seconds, "params": n_params,
+        "tok_s": tokens_seen / train_seconds if train_seconds else None, "val": last_val,
+    }
+    observer.on_end(summary)
+    return summary

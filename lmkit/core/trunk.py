@@ -1,0 +1,371 @@
+"""The shared transformer trunk: one readable model under every objective.
+
+It is the parameter-golf baseline (``train_gpt.py``) with switches, so that AR, masked diffusion and
+anything else differ only in their objective, never in the network: causal or bidirectional
+attention, optional AdaLN conditioning on a per-sequence scalar (sigma or t), tied or untied head,
+and extra embedding rows for special ids (MASK, PAD) that the model reads but never predicts.
+
+Initialisation (the baseline's where it has one):
+* tied embedding ~ N(0, ``embed_init_std``); an untied embedding keeps PyTorch's N(0, 1)
+  (it is RMS-normalised at once, so only its scale relative to the learning rate matters);
+* attention/MLP input matrices and the time MLP keep PyTorch's Linear init, U(+-1/sqrt(fan_in));
+* attention and MLP output projections, the untied head and every AdaLN layer start at zero, so each
+  block starts as the identity and a time-conditioned model starts equal to an unconditioned one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmkit.errors import LmkitError
+
+
+@dataclass
+class ModelConfig:
+    """Trunk hyper-parameters; the defaults are the parameter-golf baseline (17,059,912 params)."""
+
+    n_layer: int = 9
+    d_model: int = 512
+    n_head: int = 8
+    n_kv_head: int = 4  # GQA; == n_head for plain MHA
+    mlp_mult: float = 2.0  # hidden = int(mlp_mult * d_model)
+    activation: str = "relu2"  # "relu2" | "gelu"
+    rope_base: float = 10000.0
+    qk_norm: bool = True  # weightless RMSNorm on q and k (before RoPE)
+    q_gain_init: float = 1.5  # learnable per-head q gain (0 = disabled, no parameter)
+    unet_skips: bool = True  # first half pushes, second half pops with learned weights
+    x0_mix: bool = True  # per-block learned mix of the residual x and the first embedding x0
+    block_scales: bool = True  # per-block learned attn_scale / mlp_scale vectors (ones init)
+    tie_embeddings: bool = True
+    embed_init_std: float = 0.005  # tied embedding init std
+    logit_softcap: float = 30.0  # 0 = off; else softcap*tanh(z/softcap)
+    causal: bool = True  # False = bidirectional
+    time_cond: bool = False  # AdaLN conditioning on a per-sequence scalar (e.g. sigma or t)
+    cond_dim: int = 128  # width of the time embedding MLP
+    seq_len: int = 1024  # max positions for RoPE cache (grows lazily)
+
+
+ACTIVATIONS = ("relu2", "gelu")
+TIME_FREQ_DIM = 256  # width of the sinusoidal embedding of the conditioning scalar
+
+
+def check_config(cfg: ModelConfig, vocab_size: int, n_special: int = 0) -> None:
+    """Fail early, naming the option, instead of deep inside a matmul."""
+
+    def bad(option: str, why: str) -> LmkitError:
+        return LmkitError(f"model option {option} is invalid: {why}")
+
+    if cfg.n_layer < 1:
+        raise bad("n_layer", f"got {cfg.n_layer}; use at least 1 layer")
+    if cfg.n_head < 1 or cfg.d_model % cfg.n_head:
+        raise bad("n_head", f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head}")
+    if (cfg.d_model // cfg.n_head) % 2:
+        raise bad("d_model", "the head size d_model/n_head must be even for RoPE")
+    if cfg.n_kv_head < 1 or cfg.n_head % cfg.n_kv_head:
+        raise bad("n_kv_head", f"n_head={cfg.n_head} must be a multiple of {cfg.n_kv_head}")
+    if cfg.activation not in ACTIVATIONS:
+        raise bad("activation", f"got {cfg.activation!r}; use one of {', '.join(ACTIVATIONS)}")
+    if int(cfg.mlp_mult * cfg.d_model) < 1:
+        raise bad("mlp_mult", f"got {cfg.mlp_mult}; the MLP needs a positive hidden width")
+    if cfg.logit_softcap < 0:
+        raise bad("logit_softcap", f"got {cfg.logit_softcap}; use 0 (off) or a positive cap")
+    if cfg.time_cond and cfg.cond_dim < 1:
+        raise bad("cond_dim", f"got {cfg.cond_dim}; time conditioning needs a positive width")
+    if cfg.seq_len < 1:
+        raise bad("seq_len", f"got {cfg.seq_len}; use a positive length")
+    if vocab_size < 1 or n_special < 0:
+        raise LmkitError(
+            f"vocab_size={vocab_size}, n_special={n_special} is invalid: "
+            "check the tokenizer and the objective's special tokens"
+        )
+
+
+def norm(x: Tensor) -> Tensor:
+    """Weightless RMSNorm: the baseline keeps no norm gains (fewer bytes, no loss in quality)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """AdaLN: a per-sequence affine map of the normalised activations ([B, d] over [B, T, d])."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def zero_linear(d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
+    """A Linear that starts at zero, so the branch it closes starts switched off."""
+    layer = nn.Linear(d_in, d_out, bias=bias)
+    nn.init.zeros_(layer.weight)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class Rotary(nn.Module):
+    """RoPE cos/sin tables, shared by all layers; they grow if a longer sequence shows up."""
+
+    def __init__(self, head_dim: int, base: float, seq_len: int):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(seq_len)
+
+    def _build(self, seq_len: int) -> None:
+        t = torch.arange(seq_len, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq.float())
+        self.cos, self.sin = freqs.cos(), freqs.sin()
+
+    def forward(self, T: int) -> tuple[Tensor, Tensor]:
+        if T > self.cos.size(0):  # a shape check: static under torch.compile
+            self._build(max(T, 2 * self.cos.size(0)))
+        return self.cos[:T], self.sin[:T]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the two halves of each head ([B, H, T, hd]) by position-dependent angles."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Bias-free GQA self-attention through SDPA (flash attention on CUDA)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = d // cfg.n_head
+        self.causal, self.qk_norm = cfg.causal, cfg.qk_norm
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.proj = zero_linear(d, d)
+        if cfg.q_gain_init:
+            self.q_gain = nn.Parameter(torch.full((cfg.n_head,), float(cfg.q_gain_init)))
+        else:
+            self.register_parameter("q_gain", None)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, d = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = norm(q), norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.q_gain is not None:
+            q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, enable_gqa=self.n_kv_head != self.n_head
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.d_model)
+        self.activation = cfg.activation
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.proj = zero_linear(hidden, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        h = F.relu(h).square() if self.activation == "relu2" else F.gelu(h)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """x0-mix, then pre-norm attention and MLP, each scaled by a learned per-channel vector."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        if cfg.block_scales:
+            self.attn_scale = nn.Parameter(torch.ones(d))
+            self.mlp_scale = nn.Parameter(torch.ones(d))
+        else:
+            self.register_parameter("attn_scale", None)
+            self.register_parameter("mlp_scale", None)
+        if cfg.x0_mix:  # row 0 weighs the residual, row 1 the first embedding x0
+            self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        else:
+            self.register_parameter("resid_mix", None)
+        # AdaLN: shift/scale for the attention and MLP inputs, from the time embedding.
+        self.adaln = zero_linear(cfg.cond_dim, 4 * d, bias=True) if cfg.time_cond else None
+
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, c: Tensor | None) -> Tensor:
+        if self.resid_mix is not None:
+            x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        h_attn = norm(x)
+        if self.adaln is not None:
+            shift_a, scale_a, shift_m, scale_m = self.adaln(c).chunk(4, dim=-1)
+            h_attn = modulate(h_attn, shift_a, scale_a)
+        a = self.attn(h_attn, cos, sin)
+        x = x + (a if self.attn_scale is None else self.attn_scale * a)
+        h_mlp = norm(x)
+        if self.adaln is not None:
+            h_mlp = modulate(h_mlp, shift_m, scale_m)
+        m = self.mlp(h_mlp)
+        return x + (m if self.mlp_scale is None else self.mlp_scale * m)
+
+
+class TimeEmbedding(nn.Module):
+    """Per-sequence scalar -> sinusoidal features -> 2-layer SiLU MLP (DiT/MDLM style)."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = TIME_FREQ_DIM, max_period: float = 1e4):
+        super().__init__()
+        half = freq_dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.fc1 = nn.Linear(freq_dim, cond_dim)
+        self.fc2 = nn.Linear(cond_dim, cond_dim)
+
+    def forward(self, cond: Tensor) -> Tensor:
+        args = cond.float()[:, None] * self.freqs[None, :]
+        emb = torch.cat((args.cos(), args.sin()), dim=-1)
+        return F.silu(self.fc2(F.silu(self.fc1(emb))))
+
+
+def padded_vocab_size(vocab_size: int, n_special: int = 0) -> int:
+    """Embedding rows: tokens plus special ids, rounded up to 64 for tidy matmul shapes."""
+    return math.ceil((vocab_size + n_special) / 64) * 64
+
+
+class Transformer(nn.Module):
+    """The trunk: ``forward(idx, cond=None) -> logits [B, T, vocab_size]`` in float32.
+
+    Ids ``vocab_size, vocab_size+1, ...`` (up to ``n_special`` of them) are special tokens such as
+    MASK or PAD: they have embedding rows but no output logits, so the model never predicts them.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_special: int = 0):
+        super().__init__()
+        check_config(cfg, vocab_size, n_special)
+        self.cfg = cfg
+        self.vocab_size, self.n_special = vocab_size, n_special
+        self.padded_vocab = padded_vocab_size(vocab_size, n_special)
+        d = cfg.d_model
+
+        self.embed = nn.Embedding(self.padded_vocab, d)
+        self.time_embed = TimeEmbedding(cfg.cond_dim) if cfg.time_cond else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.n_enc = cfg.n_layer // 2 if cfg.unet_skips else 0
+        n_skip = min(self.n_enc, cfg.n_layer - self.n_enc)
+        if n_skip:
+            self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
+        else:
+            self.n_enc = 0
+            self.register_parameter("skip_weights", None)
+        self.final_adaln = zero_linear(cfg.cond_dim, 2 * d, bias=True) if cfg.time_cond else None
+        self.head = None if cfg.tie_embeddings else zero_linear(d, vocab_size)
+        self.rotary = Rotary(d // cfg.n_head, cfg.rope_base, cfg.seq_len)
+        if cfg.tie_embeddings:
+            nn.init.normal_(self.embed.weight, mean=0.0, std=cfg.embed_init_std)
+
+    def forward_hidden(self, idx: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Final normalised hidden states [B, T, d] (for objectives that want their own head)."""
+        c = self._condition(idx, cond)
+        x = x0 = norm(self.embed(idx))
+        cos, sin = self.rotary(idx.size(1))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i < self.n_enc:
+                x = block(x, x0, cos, sin, c)
+                skips.append(x)
+                continue
+            if skips:  # decoder block j adds the output of encoder block n_enc-1-j
+                x = x + self.skip_weights[i - self.n_enc] * skips.pop()
+            x = block(x, x0, cos, sin, c)
+        x = norm(x)
+        if self.final_adaln is not None:
+            shift, scale = self.final_adaln(c).chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        return x
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Hidden states -> float32 logits over the real vocabulary, soft-capped."""
+        w = self.embed.weight[: self.vocab_size] if self.head is None else self.head.weight
+        z = F.linear(h, w).float()
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(z / cap) if cap else z
+
+    def forward(self, idx: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.logits(self.forward_hidden(idx, cond))
+
+    def _condition(self, idx: Tensor, cond: Tensor | None) -> Tensor | None:
+        """Check ``cond`` against ``time_cond`` and embed it; the checks are on shapes only."""
+        if self.time_embed is None:
+            if cond is not None:
+                raise LmkitError(
+                    "a conditioning value (cond) was passed to a model built with time_cond=false: "
+                    "set model.time_cond=true or stop passing cond"
+                )
+            return None
+        if cond is None:
+            raise LmkitError(
+                "this model was built with time_cond=true and needs cond (one value per sequence): "
+                "use an objective that conditions on time, or set model.time_cond=false"
+            )
+        if cond.shape != (idx.size(0),):
+            raise LmkitError(
+                f"cond must have shape [batch]={[idx.size(0)]}, got {list(cond.shape)}"
+            )
+        return self.time_embed(cond)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by role, so optimizers need not guess from names or shapes.
+
+        ``matrix``: attention/MLP weights inside the blocks (Muon's share); ``embed``: the token
+        embedding (also the head when tied); ``head``: the untied head; ``cond``: time MLP and
+        AdaLN layers; ``scalar``: gains, scales, mixes, skip weights. Every parameter is in
+        exactly one list.
+        """
+        groups: dict[str, list[nn.Parameter]] = {
+            "matrix": [
+                layer.weight
+                for b in self.blocks
+                for layer in (b.attn.q, b.attn.k, b.attn.v, b.attn.proj, b.mlp.fc, b.mlp.proj)
+            ],
+            "embed": [self.embed.weight],
+            "head": [] if self.head is None else [self.head.weight],
+            "cond": [],
+        }
+        if self.time_embed is not None:
+            cond_modules = [self.time_embed, self.final_adaln] + [b.adaln for b in self.blocks]
+            groups["cond"] = [p for m in cond_modules for p in m.parameters()]
+        taken = {id(p) for ps in groups.values() for p in ps}
+        groups["scalar"] = [p for p in self.parameters() if id(p) not in taken]
+        return groups
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of distinct parameters (a tied embedding counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(
+    cfg: ModelConfig, n_params: int, seq_len: int, vocab_size: int, n_special: int = 0
+) -> float:
+    """Training FLOPs per token (forward + backward), for throughput and MFU figures.
+
+    ``n_params`` is ``count_params(model)``. Matmul parameters are those minus the embedding table
+    (a lookup, no FLOPs) plus the output head (a tied head reuses ``vocab_size`` embedding rows);
+    the few vectors/scalars are left in (under 0.2 %, as in nanoGPT). Attention adds
+    ``12 * n_layer * d_model * seq_len``: the nanoGPT/PaLM convention, *not* halved for causal
+    masks, so numbers compare with published MFU figures.
+    """
+    d = cfg.d_model
+    matmul = n_params - padded_vocab_size(vocab_size, n_special) * d
+    if cfg.tie_embeddings:
+        matmul += vocab_size * d
+    return 6.0 * matmul + 12.0 * cfg.n_layer * d * seq_len

@@ -1,0 +1,89 @@
+"""Glue the CLI calls into: planning a run (fresh or resumed) and listing plugins."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmkit.core import config as config_mod
+from lmkit.core import runs
+from lmkit.core.config import RunConfig
+from lmkit.core.registry import get_objective, get_registry
+from lmkit.errors import LmkitError
+
+# What a resumed run may change: its budget and bookkeeping, never what it learns.
+RESUMABLE_TRAIN_KEYS = {"steps", "tokens", "time", "log_every", "val_every", "val_tokens",
+                        "ckpt_every", "device", "compile"}
+
+
+@dataclass
+class TrainPlan:
+    cfg: RunConfig
+    run_dir: Path
+    resume: bool
+
+
+def plan_training(
+    *,
+    config_file: Path | None,
+    preset: str | None,
+    flags: dict[str, Any],
+    sets: tuple[str, ...] | list[str],
+    out: Path | None,
+    resume: str | None,
+) -> TrainPlan:
+    """Resolve the config and run directory; a resumed run starts from its stored config."""
+    resuming = False
+    run_dir = out
+    if resume:
+        run_dir = out if resume == "auto" else Path(resume)
+        if run_dir is None:
+            raise LmkitError("--resume auto needs --out RUN_DIR (the run to continue)")
+        if resume != "auto" and not runs.has_checkpoint(run_dir):
+            raise LmkitError(f"--resume {resume}: {run_dir} has no checkpoint to resume from")
+        resuming = runs.has_checkpoint(run_dir)
+    stored = run_dir / runs.CONFIG_FILE if resuming and run_dir else None
+    cfg = config_mod.resolve_config(
+        config_file=config_file or stored, preset=preset, flags=flags, sets=sets
+    )
+    get_objective(cfg.objective)  # unknown objective: fail before any work
+    if resuming and stored is not None and config_file is None:
+        _check_resumable(config_mod.resolve_config(config_file=stored), cfg, run_dir)
+    if run_dir is None:
+        run_dir = runs.default_run_dir(cfg.objective, cfg.preset)
+    return TrainPlan(cfg, Path(run_dir), resuming)
+
+
+def _check_resumable(stored: RunConfig, new: RunConfig, run_dir: Path) -> None:
+    a, b = config_mod.to_dict(stored), config_mod.to_dict(new)
+    for section, values in a.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if section == "train" and key in RESUMABLE_TRAIN_KEYS:
+                    continue
+                if b[section].get(key) != value:
+                    raise LmkitError(
+                        f"cannot resume {run_dir} with {section}.{key}={b[section].get(key)!r} "
+                        f"(the run was trained with {value!r}); only the budget and logging "
+                        f"options may change on resume"
+                    )
+        elif b[section] != values:
+            raise LmkitError(f"cannot resume {run_dir} as {section}={b[section]!r} "
+                             f"(the run is {values!r})")
+
+
+def plugin_listing(include_builtins: bool = False) -> list[dict[str, Any]]:
+    registry = get_registry()
+    return [dataclasses.asdict(p) for p in registry.plugins.values()
+            if include_builtins or not p.builtin]
+
+
+def entry_listing(kind: str) -> list[dict[str, Any]]:
+    registry = get_registry()
+    return [
+        {"name": e.name, "description": e.description, "plugin": e.plugin,
+         "distribution": e.distribution, "version": e.version}
+        for e in sorted(registry.entries[kind].values(), key=lambda e: e.name)
+    ]
