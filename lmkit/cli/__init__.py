@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -167,21 +168,13 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, as
     options = dict(parse_set(o) for o in opts)
     if stride is not None:
         options["stride"] = stride
-    with console.status("evaluating…", spinner="dots") if not as_json else _nullctx():
+    with console.status("evaluating…", spinner="dots") if not as_json else nullcontext():
         result = evaluate_run(run_dir, max_tokens=max_tokens, options=options,
                               data_dir=data_dir, device=device, batch_size=batch_size)
     if as_json:
         emit_json(result)
     else:
         console.print(metrics_table(result))
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- plugins -----------------------------------------------------------------------------------

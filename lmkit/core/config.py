@@ -76,8 +76,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "description": "4 layers, d=256, seq 256: a CPU demo that learns real text in minutes",
         "model": {"n_layer": 4, "d_model": 256, "n_head": 4, "n_kv_head": 2, "seq_len": 256},
         "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
-        "train": {"seq_len": 256, "batch_tokens": 8192, "steps": 600, "log_every": 10,
-                  "val_every": 200, "val_tokens": 32768, "warmup_steps": 20},
+        "train": {"seq_len": 256, "batch_tokens": 8192, "steps": 400, "log_every": 10,
+                  "val_every": 100, "val_tokens": 32768, "warmup_steps": 20},
     },
     "pg-baseline": {
         "description": "the parameter-golf baseline: 9 layers, d=512, GQA 8/4, Muon, seq 1024, "

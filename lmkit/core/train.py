@@ -25,7 +25,7 @@ from lmkit.core.checkpoint import load_checkpoint, save_checkpoint
 from lmkit.core.config import RunConfig
 from lmkit.core.data import DataSource, RotatingLoader, load_val_tokens
 from lmkit.core.device import autocast, resolve_device, resolve_dtype, synchronize
-from lmkit.core.optim import build_optimizers, muon_momentum
+from lmkit.core.optim import build_optimizers, set_schedule
 from lmkit.core.perf import measure_peak_flops
 from lmkit.core.registry import get_objective
 from lmkit.core.trunk import Transformer, count_params, flops_per_token
@@ -256,13 +256,7 @@ def train(
         t0 = time.perf_counter()
         progress = budget.progress(step, tokens_seen, train_seconds)
         mult = lr_multiplier(step, progress, t.warmup_steps, t.warmdown_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * mult
-                if "momentum" in group and group.get("muon"):
-                    group["momentum"] = muon_momentum(
-                        step, cfg.optim.muon_momentum_start, cfg.optim.muon_momentum,
-                        cfg.optim.muon_momentum_warmup)
+        set_schedule(optimizers, cfg.optim, step, mult)
         loss = train_step(setup, step_model, optimizers, loader, accum, step)
         step += 1
         tokens_seen += tokens_per_step
