@@ -20,22 +20,37 @@ from lmkit.protocols import EvalContext
 def evaluate_run(
     run_dir: str | Path,
     *,
+    device: str = "auto",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Evaluate ``run_dir``'s checkpoint and write ``eval.json`` there; return the JSON object."""
+    run = runs.load_run(run_dir, device=resolve_device(device))
+    result = evaluate_loaded(run, **kwargs)
+    runs.write_json(run.path / runs.EVAL_FILE, result)
+    return result
+
+
+def evaluate_loaded(
+    run: runs.Run,
+    *,
+    model: torch.nn.Module | None = None,
     max_tokens: int | None = None,
     options: dict[str, Any] | None = None,
     data_dir: str | Path | None = None,
-    device: str = "auto",
     dtype: str | None = None,
     batch_size: int | None = None,
     seed: int | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate ``run_dir`` and write ``eval.json`` there; return the JSON object."""
-    dev = resolve_device(device)
-    run = runs.load_run(run_dir, device=dev)
+    """Score ``model`` (default: the run's own) with the run's objective on its validation data.
+
+    ``model`` lets a caller score a modified copy, e.g. the dequantized round trip of an artifact.
+    """
+    model = run.model if model is None else model
+    dev = next(model.parameters()).device
     cfg = run.config
-    stored = run.meta["data"]
     # The run's own tokenizer copy: open_data refuses shards whose manifest names another one.
-    data = open_data(Path(data_dir or stored["dir"]), run.tokenizer_path)
+    data = open_data(Path(data_dir or run.meta["data"]["dir"]), run.tokenizer_path)
     precision = resolve_dtype(dtype or cfg.train.dtype, dev)
     eval_options = config_mod.build_options(run.objective.EvalOptions, options or {}, "eval")
     val = load_val_tokens(data, max_tokens)
@@ -48,9 +63,8 @@ def evaluate_run(
         progress=progress or (lambda done, total: None),
     )
     t0 = time.perf_counter()
-    torch.manual_seed(ctx.seed)
-    metrics = run_evaluation(run.model, run.objective, ctx)
-    result = {
+    metrics = run_evaluation(model, run.objective, ctx)
+    return {
         "run": str(run.path),
         "objective": cfg.objective,
         "checkpoint": {"step": run.state["step"], "tokens": run.state["tokens"]},
@@ -58,8 +72,7 @@ def evaluate_run(
         "data": {"dir": str(data.dir), "val_targets": int(val.numel() - 1),
                  "max_tokens": max_tokens, "tokenizer_sha256": data.tokenizer_sha256},
         "precision": precision,
+        "seed": ctx.seed,
         "seconds": round(time.perf_counter() - t0, 3),
         "metrics": [m.to_dict() for m in metrics],
     }
-    runs.write_json(run.path / runs.EVAL_FILE, result)
-    return result
