@@ -11,6 +11,11 @@ Initialisation (the baseline's where it has one):
 * attention/MLP input matrices and the time MLP keep PyTorch's Linear init, U(+-1/sqrt(fan_in));
 * attention and MLP output projections, the untied head and every AdaLN layer start at zero, so each
   block starts as the identity and a time-conditioned model starts equal to an unconditioned one.
+
+With ``n_kv_head=n_head, mlp_mult=3, q_gain_init=0, unet_skips/x0_mix/block_scales/tie_embeddings
+off, logit_softcap=0, causal=False, time_cond=True`` and 11 layers this is exactly the 32,987,776
+parameter trunk of the parameter-golf MDLM submissions (#1106/#1241): AdaLN on RMS-normed block
+inputs from a 128-wide sigma embedding, an untied head over the padded vocabulary.
 """
 
 from __future__ import annotations
@@ -47,12 +52,11 @@ class ModelConfig:
     logit_softcap: float = 30.0  # 0 = off; else softcap*tanh(z/softcap)
     causal: bool = True  # False = bidirectional
     time_cond: bool = False  # AdaLN conditioning on a per-sequence scalar (e.g. sigma or t)
-    cond_dim: int = 128  # width of the time embedding MLP
+    cond_dim: int = 128  # width of the time embedding (its MLP's hidden layer is 4x wider)
     seq_len: int = 1024  # max positions for RoPE cache (grows lazily)
 
 
 ACTIVATIONS = ("relu2", "gelu")
-TIME_FREQ_DIM = 256  # width of the sinusoidal embedding of the conditioning scalar
 
 
 def check_config(cfg: ModelConfig, vocab_size: int, n_special: int = 0) -> None:
@@ -220,15 +224,15 @@ class Block(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """Per-sequence scalar -> sinusoidal features -> 2-layer SiLU MLP (DiT/MDLM style)."""
+    """Per-sequence scalar -> ``cond_dim`` sinusoidal features -> SiLU MLP (4x hidden) -> SiLU."""
 
-    def __init__(self, cond_dim: int, freq_dim: int = TIME_FREQ_DIM, max_period: float = 1e4):
+    def __init__(self, cond_dim: int, max_period: float = 1e4):
         super().__init__()
-        half = freq_dim // 2
+        half = cond_dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)
-        self.fc1 = nn.Linear(freq_dim, cond_dim)
-        self.fc2 = nn.Linear(cond_dim, cond_dim)
+        self.fc1 = nn.Linear(2 * half, 4 * cond_dim)
+        self.fc2 = nn.Linear(4 * cond_dim, cond_dim)
 
     def forward(self, cond: Tensor) -> Tensor:
         args = cond.float()[:, None] * self.freqs[None, :]
@@ -266,8 +270,8 @@ class Transformer(nn.Module):
         else:
             self.n_enc = 0
             self.register_parameter("skip_weights", None)
-        self.final_adaln = zero_linear(cfg.cond_dim, 2 * d, bias=True) if cfg.time_cond else None
-        self.head = None if cfg.tie_embeddings else zero_linear(d, vocab_size)
+        # An untied head has a row per embedding row (padded); logits are sliced to vocab_size.
+        self.head = None if cfg.tie_embeddings else zero_linear(d, self.padded_vocab)
         self.rotary = Rotary(d // cfg.n_head, cfg.rope_base, cfg.seq_len)
         if cfg.tie_embeddings:
             nn.init.normal_(self.embed.weight, mean=0.0, std=cfg.embed_init_std)
@@ -286,15 +290,11 @@ class Transformer(nn.Module):
             if skips:  # decoder block j adds the output of encoder block n_enc-1-j
                 x = x + self.skip_weights[i - self.n_enc] * skips.pop()
             x = block(x, x0, cos, sin, c)
-        x = norm(x)
-        if self.final_adaln is not None:
-            shift, scale = self.final_adaln(c).chunk(2, dim=-1)
-            x = modulate(x, shift, scale)
-        return x
+        return norm(x)
 
     def logits(self, h: Tensor) -> Tensor:
         """Hidden states -> float32 logits over the real vocabulary, soft-capped."""
-        w = self.embed.weight[: self.vocab_size] if self.head is None else self.head.weight
+        w = (self.embed.weight if self.head is None else self.head.weight)[: self.vocab_size]
         z = F.linear(h, w).float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(z / cap) if cap else z
@@ -341,7 +341,7 @@ class Transformer(nn.Module):
             "cond": [],
         }
         if self.time_embed is not None:
-            cond_modules = [self.time_embed, self.final_adaln] + [b.adaln for b in self.blocks]
+            cond_modules = [self.time_embed] + [b.adaln for b in self.blocks]
             groups["cond"] = [p for m in cond_modules for p in m.parameters()]
         taken = {id(p) for ps in groups.values() for p in ps}
         groups["scalar"] = [p for p in self.parameters() if id(p) not in taken]
@@ -359,13 +359,13 @@ def flops_per_token(
     """Training FLOPs per token (forward + backward), for throughput and MFU figures.
 
     ``n_params`` is ``count_params(model)``. Matmul parameters are those minus the embedding table
-    (a lookup, no FLOPs) plus the output head (a tied head reuses ``vocab_size`` embedding rows);
+    (a lookup, no FLOPs) with the head counted at its ``vocab_size`` used rows;
     the few vectors/scalars are left in (under 0.2 %, as in nanoGPT). Attention adds
     ``12 * n_layer * d_model * seq_len``: the nanoGPT/PaLM convention, *not* halved for causal
     masks, so numbers compare with published MFU figures.
     """
     d = cfg.d_model
-    matmul = n_params - padded_vocab_size(vocab_size, n_special) * d
-    if cfg.tie_embeddings:
-        matmul += vocab_size * d
+    padded = padded_vocab_size(vocab_size, n_special)
+    matmul = n_params - padded * d  # the embedding lookup
+    matmul += vocab_size * d - (0 if cfg.tie_embeddings else padded * d)  # the head's used rows
     return 6.0 * matmul + 12.0 * cfg.n_layer * d * seq_len
