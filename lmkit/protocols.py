@@ -81,10 +81,18 @@ class EvalContext:
     purpose: str
     options: Any
     progress: Callable[[int, int], None] = lambda done, total: None
+    precision: str = "fp32"
+    model_calls: Callable[[], int] = lambda: 0
+    marks: list[tuple[str, float, int]] = field(default_factory=list)
 
     def meter(self, name: str, kind: str, detail: dict | None = None) -> BpbMeter:
+        import time
+
         from lmkit.core.bpb import BpbMeter
 
+        # Estimators run one after another, so a meter's cost runs from its creation to the
+        # next one's (or the end): that is what `lmkit bench eval` reports.
+        self.marks.append((name, time.perf_counter(), self.model_calls()))
         return BpbMeter(self.lut, name, kind, detail)
 
 

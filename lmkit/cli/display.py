@@ -98,13 +98,24 @@ class TrainDisplay:
             )
 
 
-def metrics_table(result: dict[str, Any]) -> Table:
+KIND_NOTES = {
+    "exact": "= exact: a code length the model actually achieves",
+    "upper_bound": "≤ upper bound on the model's code length (± one standard error)",
+    "score": "score: neither a likelihood nor a bound; not comparable with the others",
+}
+
+
+def metrics_table(result: dict[str, Any], details: bool = False) -> Table:
     step = result["checkpoint"]["step"]
-    table = Table(title=f"{result['objective']} · {result['run']} · step {step}")
-    for col in ("metric", "kind", "value", "tokens", "bytes", "detail"):
-        table.add_column(col, justify="right" if col in ("tokens", "bytes") else "left")
+    kinds = sorted({m["kind"] for m in result["metrics"]})
+    table = Table(title=f"{result['objective']} · {result['run']} · step {step}",
+                  caption="\n".join(KIND_NOTES[k] for k in kinds), caption_justify="left")
+    for col in ("metric", "value", "tokens", "bytes", "estimator"):
+        table.add_column(col, justify="right" if col in ("tokens", "bytes") else "left",
+                         no_wrap=col != "estimator")
     for m in result["metrics"]:
-        detail = ", ".join(f"{k}={v}" for k, v in m["detail"].items())
-        table.add_row(m["name"], m["kind"], metric_cell(m), f"{m['tokens']:,}", f"{m['bytes']:,}",
-                      detail)
+        d = m["detail"]
+        estimator = (", ".join(f"{k}={v}" for k, v in d.items()) if details
+                     else d.get("estimator", ""))
+        table.add_row(m["name"], metric_cell(m), f"{m['tokens']:,}", f"{m['bytes']:,}", estimator)
     return table

@@ -89,6 +89,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "warmdown_frac": 0.06, "log_every": 50, "val_every": 1000,
                   "val_tokens": 1048576, "ckpt_every": 1000},
     },
+    "pg-mdlm": {
+        "description": "the parameter-golf MDLM trunk (#1106/#1241): 11 layers, d=512, 8 heads, "
+                       "MLP 3x, AdaLN on sigma, untied head (32,987,776 parameters), AdamW 6e-4",
+        "model": {"n_layer": 11, "n_kv_head": 8, "mlp_mult": 3.0, "q_gain_init": 0.0,
+                  "unet_skips": False, "x0_mix": False, "block_scales": False,
+                  "tie_embeddings": False, "logit_softcap": 0.0, "cond_dim": 128,
+                  "seq_len": 2048},
+        "optim": {"name": "adamw", "lr": 6e-4, "weight_decay": 0.1, "grad_clip": 1.0},
+        "data": {"group_size": 8},
+        "train": {"seq_len": 2048, "batch_tokens": 65536, "steps": 6000, "warmup_steps": 300,
+                  "warmdown_frac": 0.25, "log_every": 50, "val_every": 1000,
+                  "val_tokens": 262144, "ckpt_every": 1000},
+    },
 }
 
 

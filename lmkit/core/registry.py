@@ -24,6 +24,8 @@ from lmkit.errors import LmkitError
 ENTRY_POINT_GROUP = "lmkit"
 BUILTIN_PLUGINS = (
     "lmkit.plugins.ar",
+    "lmkit.plugins.mdlm",
+    "lmkit.plugins.maskrecon",
     "lmkit.plugins.corpora",
 )
 KINDS = {

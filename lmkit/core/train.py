@@ -150,6 +150,7 @@ def eval_context(setup: Setup, val_tokens: torch.Tensor, purpose: str, options: 
         val_tokens=val_tokens, seq_len=setup.cfg.train.seq_len, batch_size=batch_size,
         device=setup.device, autocast=setup.autocast, lut=setup.lut, tokens=setup.tokens,
         seed=setup.cfg.train.seed if seed is None else seed, purpose=purpose, options=options,
+        precision=setup.dtype,
     )
 
 
