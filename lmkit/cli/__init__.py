@@ -154,9 +154,12 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
               help="Validation data, if it moved since training.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=int, help="Windows per forward pass.")
+@click.option("--seed", type=int, help="Seed of the Monte-Carlo estimators [default: the run's].")
+@click.option("--details", is_flag=True, help="Show every detail of each metric in the table.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (see docs).")
-def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, as_json) -> None:
-    """Score a run's checkpoint on validation data in bits per byte.
+def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, seed, details,
+             as_json) -> None:
+    """Score a run's checkpoint (or a packed ARTIFACT file) on validation data in bits per byte.
 
     Each metric states its kind: `exact` (a true code length), `upper_bound` (a bound on one, with
     the standard error of its estimate) or `score` (neither). Bytes are counted with the
@@ -168,13 +171,19 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, as
     options = dict(parse_set(o) for o in opts)
     if stride is not None:
         options["stride"] = stride
+    kwargs = dict(max_tokens=max_tokens, options=options, seed=seed, data_dir=data_dir,
+                  device=device, batch_size=batch_size)
     with console.status("evaluating…", spinner="dots") if not as_json else nullcontext():
-        result = evaluate_run(run_dir, max_tokens=max_tokens, options=options,
-                              data_dir=data_dir, device=device, batch_size=batch_size)
+        if Path(run_dir).is_file():  # a packed artifact: score its dequantized round trip
+            from lmkit.core.pack import evaluate_artifact
+
+            result = evaluate_artifact(run_dir, **kwargs)
+        else:
+            result = evaluate_run(run_dir, **kwargs)
     if as_json:
         emit_json(result)
     else:
-        console.print(metrics_table(result))
+        console.print(metrics_table(result, details=details))
 
 
 # -- plugins -----------------------------------------------------------------------------------
@@ -267,6 +276,48 @@ def bench_train(preset: str, steps: int, warmup: int, device: str, as_json: bool
                       f"{row['peak_flops'] / 1e9:,.1f} GFLOP/s", f"{row['step_seconds']:.3f}s")
     console.print(table)
     console.print(f"bf16 / fp32 tokens/s: {result['bf16_over_fp32']:.2f}×")
+
+
+@bench.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--max-tokens", type=int, help="Evaluate a prefix of the validation stream.")
+@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
+              help="An evaluation option of the run's objective (repeatable).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_eval(run_dir: Path, max_tokens: int | None, opts: tuple[str, ...], device: str,
+               as_json: bool) -> None:
+    """Seconds and model calls per 1M evaluated tokens of each estimator, with the stderr reached.
+
+    Train a run first, e.g. `lmkit train --objective mdlm --preset small --out runs/mdlm-small`.
+    """
+    from lmkit.core.bench import bench_eval as run
+    from lmkit.core.config import parse_set
+
+    with console.status("evaluating…", spinner="dots") if not as_json else nullcontext():
+        result = run(str(run_dir), max_tokens=max_tokens,
+                     options=dict(parse_set(o) for o in opts), device=device)
+    if as_json:
+        emit_json(result)
+        return
+    from rich.table import Table
+
+    from lmkit.cli.display import metric_cell
+
+    table = Table(title=f"lmkit bench eval · {result['objective']} · {result['run']}")
+    for col in ("metric", "value", "s / 1M tokens", "model calls / 1M tokens"):
+        table.add_column(col, justify="left" if col in ("metric", "value") else "right")
+    for row in result["rows"]:
+        table.add_row(row["metric"], metric_cell({**row, "unit": "bpb"}),
+                      f"{row['seconds_per_1m_tokens']:,.0f}",
+                      f"{row['model_calls_per_1m_tokens']:,.0f}")
+    console.print(table)
+
+
+from lmkit.cli.pack import bench_pack_command, pack_command  # noqa: E402
+
+cli.add_command(pack_command)
+bench.add_command(bench_pack_command)
 
 
 # -- entry point -------------------------------------------------------------------------------

@@ -10,20 +10,24 @@ import click
 from lmkit.cli import cli
 
 
-def _walk(command: click.Command, path: list[str]):
-    yield path, command
+def _walk(command: click.Command, ctx: click.Context):
+    """Yield (context, command) for the group and every subcommand, as the real --help sees them
+    (child contexts inherit the parent's settings, e.g. ``-h``)."""
+    yield ctx, command
     if isinstance(command, click.Group):
-        for name in sorted(command.list_commands(click.Context(command))):
-            yield from _walk(command.get_command(click.Context(command), name), [*path, name])
+        for name in sorted(command.list_commands(ctx)):
+            sub = command.get_command(ctx, name)
+            yield from _walk(sub, click.Context(sub, info_name=name, parent=ctx))
 
 
 def render() -> str:
     parts = ["# lmkit command reference\n",
              "Generated from `--help` by `python -m lmkit.cli.docs > docs/cli.md`; do not edit.\n"]
-    for path, command in _walk(cli, ["lmkit"]):
-        ctx = click.Context(command, info_name=" ".join(path), terminal_width=100,
-                            max_content_width=100)
-        parts.append(f"\n## `{' '.join(path)}`\n\n```\n{command.get_help(ctx)}\n```\n")
+    root = click.Context(cli, info_name="lmkit", terminal_width=100, max_content_width=100,
+                         **{k: v for k, v in cli.context_settings.items()
+                            if k != "max_content_width"})
+    for ctx, command in _walk(cli, root):
+        parts.append(f"\n## `{ctx.command_path}`\n\n```\n{command.get_help(ctx)}\n```\n")
     return "".join(parts)
 
 

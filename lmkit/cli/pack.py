@@ -1,0 +1,122 @@
+"""``lmkit pack`` and ``lmkit bench pack``: parse, call :mod:`lmkit.core.pack`, print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lmkit.cli.display import console, metric_cell
+
+# Mirrors of lmkit.core.quant.DEFAULT_CAP_BYTES and lmkit.core.pack.DEFAULT_CALIB_TOKENS, kept here
+# so `lmkit --help` does not import torch (a test checks they agree).
+DEFAULT_CAP_BYTES = 16_000_000
+DEFAULT_CALIB_TOKENS = 65_536
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _eval_options(opts: tuple[str, ...], stride: int | None) -> dict[str, Any]:
+    from lmkit.core.config import parse_set
+
+    options: dict[str, Any] = dict(parse_set(o) for o in opts)
+    if stride is not None:
+        options["stride"] = stride
+    return options
+
+
+@click.command("pack")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--bits", type=click.Choice(["6", "8"]), default="6", show_default=True,
+              help="6: int6 GPTQ matrices + int8 embedding, LZMA (the records' recipe); "
+                   "8: per-row int8, zlib (the parameter-golf baseline).")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]),
+              help="Rounding of the matrices [default: gptq for 6 bits, rtn for 8].")
+@click.option("--cap-bytes", type=click.IntRange(min=1), default=DEFAULT_CAP_BYTES,
+              show_default=True,
+              help="Artifact size limit in DECIMAL bytes (16,000,000 is not 16 MiB); ±1 values "
+                   "are pruned until the file fits.")
+@click.option("--compression", type=click.Choice(["zlib", "lzma"]),
+              help="[default: zlib for the int8 baseline, lzma otherwise]")
+@click.option("--calib-tokens", type=click.IntRange(min=1), default=DEFAULT_CALIB_TOKENS,
+              show_default=True,
+              help="Training tokens for GPTQ's Hessians (training shards, never validation).")
+@click.option("--max-tokens", type=int,
+              help="Score only this many validation targets, before and after.")
+@click.option("--stride", type=int, help="AR: also score sliding windows with this stride.")
+@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
+              help="An evaluation option of the run's objective (repeatable).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Data directory, if it moved since training.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, help="Windows per forward pass when scoring.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def pack_command(run_dir, bits, method, cap_bytes, compression, calib_tokens, max_tokens, stride,
+                 opts, data_dir, device, batch_size, as_json) -> None:
+    """Quantize RUN_DIR into an artifact under the byte cap and score the round trip.
+
+    Writes RUN_DIR/artifact.int<bits>-<method>.<compression> and RUN_DIR/pack.json. The reported
+    `metrics` are those of the dequantized model read back from the file (same contract as
+    `lmkit eval`), next to `metrics_before` and the `penalty` (after − before).
+    """
+    from lmkit.core.pack import pack_run
+
+    result = pack_run(run_dir, bits=int(bits), method=method, cap_bytes=cap_bytes,
+                      compression=compression, device=device, calib_tokens=calib_tokens,
+                      max_tokens=max_tokens, eval_options=_eval_options(opts, stride),
+                      data_dir=data_dir, batch_size=batch_size,
+                      log=None if as_json else console.print)
+    if as_json:
+        _emit_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{result['objective']} · {result['run']} · int{result['bits']} "
+                        f"{result['method']}/{result['compression']}")
+    for col in ("metric", "before", "after (round trip)", "penalty"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    before = {m["name"]: m for m in result["metrics_before"]}
+    for m, p in zip(result["metrics"], result["penalty"], strict=False):
+        table.add_row(m["name"], metric_cell(before[m["name"]]), metric_cell(m),
+                      f"{p['delta']:+.4f} {p['unit']}")
+    console.print(table)
+    console.print(f"artifact {result['artifact']}: {result['artifact_bytes']:,} bytes "
+                  f"(cap {result['cap_bytes']:,} decimal bytes; "
+                  f"{result['pruned_values']:,} ±1 values pruned)")
+
+
+@click.command("pack")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--max-tokens", type=int, help="Validation targets scored per model.")
+@click.option("--calib-tokens", type=click.IntRange(min=1), default=DEFAULT_CALIB_TOKENS,
+              show_default=True, help="Training tokens for GPTQ's Hessians.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_pack_command(run_dirs, max_tokens, calib_tokens, device, as_json) -> None:
+    """Round-trip penalty and artifact bytes: int8/zlib, int6 rtn/lzma, int6 gptq/lzma.
+
+    All recipes run in one process on the same validation prefix; no pruning, so the bytes are
+    each recipe's own. Artifacts go to a temporary directory.
+    """
+    from lmkit.core.pack import bench_pack
+
+    result = bench_pack(list(run_dirs), device=device, max_tokens=max_tokens,
+                        calib_tokens=calib_tokens, log=None if as_json else console.print)
+    if as_json:
+        _emit_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"lmkit bench pack · {result['device']}")
+    for col in ("run", "objective", "recipe", "bytes", "before", "after", "penalty"):
+        table.add_column(col, justify="left" if col in ("run", "objective", "recipe") else "right")
+    for entry in result["runs"]:
+        for row in entry["rows"]:
+            table.add_row(Path(entry["run"]).name, entry["objective"], row["recipe"],
+                          f"{row['artifact_bytes']:,}", f"{entry['before']:.4f}",
+                          f"{row['after']:.4f}", f"{row['penalty']:+.4f}")
+    console.print(table)
