@@ -186,6 +186,72 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, se
         console.print(metrics_table(result, details=details))
 
 
+# -- compare -----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--objectives", help="Train these objectives (comma-separated) under one budget, "
+                                   "seed, preset and data, then compare them.")
+@train_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Comparison directory [default: comparisons/<timestamp>].")
+@click.option("--max-tokens", type=int, help="Score a prefix of the validation stream.")
+@click.option("--force", is_flag=True, help="Compare runs whose data or tokenizer differ.")
+@click.option("--pack", "with_pack", is_flag=True,
+              help="Also pack each run (int6 GPTQ/LZMA) and report artifact bytes and round trip.")
+@click.option("--json", "fmt", flag_value="json", help="Print the comparison as JSON.")
+@click.option("--md", "fmt", flag_value="md", help="Print the comparison as a markdown table.")
+@click.option("--csv", "fmt", flag_value="csv", help="Print the comparison as CSV.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, seconds, seed,
+            device, config_file, sets, out, max_tokens, force, with_pack, fmt, quiet) -> None:
+    """One honest table across objectives: trained fresh (--objectives) or existing RUN_DIRs.
+
+    Every cell states its kind — `=` exact, `≤` upper bound (± standard error), `score` — and
+    all metrics are bits per byte from the tokenizer's exact LUT. Writes report.md,
+    compare.json, compare.csv and val_bpb.png (validation bpb vs tokens) to the comparison
+    directory.
+
+    \b
+    Examples:
+      lmkit compare --objectives ar,mdlm,maskrecon --preset tiny --steps 30 --md
+      lmkit compare runs/ar-small runs/mdlm-small --json
+    """
+    from lmkit.cli.display import CompareDisplay, compare_tables
+    from lmkit.core import compare as core
+
+    if bool(run_dirs) == bool(objectives):
+        raise LmkitError("give either RUN_DIRs to compare or --objectives a,b,c to train")
+    display = CompareDisplay(quiet=quiet or fmt is not None)
+    try:
+        if objectives:
+            flags = budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer)
+            out, entries = core.compare_objectives(
+                [o.strip() for o in objectives.split(",") if o.strip()], out=out, preset=preset,
+                flags=flags, sets=sets, max_tokens=max_tokens, observer=display,
+                log=None if quiet or fmt else console.print)
+        else:
+            out = out or core.default_compare_dir()
+            entries = core.compare_runs(list(run_dirs), force=force, max_tokens=max_tokens,
+                                        device=device or "auto", observer=display)
+        if with_pack:
+            core.add_pack_columns(entries, log=None if fmt else console.print)
+    finally:
+        display.close()
+    files = core.write_report(out, entries, {"comparison": str(out)})
+    if fmt == "json":
+        emit_json({**core.to_json(entries, {"comparison": str(out)}),
+                   "files": {k: str(v) if v else None for k, v in files.items()}})
+    elif fmt == "md":
+        click.echo(core.to_markdown(entries), nl=False)
+    elif fmt == "csv":
+        click.echo(core.to_csv(entries), nl=False)
+    else:
+        for table in compare_tables(entries):
+            console.print(table)
+        png = files["png"] or "(no PNG: install matplotlib, e.g. pip install 'lmkit[plot]')"
+        console.print(f"report: {files['report']}\nplot:   {png}")
+
+
 # -- plugins -----------------------------------------------------------------------------------
 @cli.command()
 @click.option("--all", "show_all", is_flag=True, help="Include the built-in plugins.")

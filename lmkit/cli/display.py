@@ -107,7 +107,7 @@ KIND_NOTES = {
 
 def metrics_table(result: dict[str, Any], details: bool = False) -> Table:
     step = result["checkpoint"]["step"]
-    kinds = sorted({m["kind"] for m in result["metrics"]})
+    kinds = [k for k in KIND_NOTES if any(m["kind"] == k for m in result["metrics"])]
     table = Table(title=f"{result['objective']} · {result['run']} · step {step}",
                   caption="\n".join(KIND_NOTES[k] for k in kinds), caption_justify="left")
     for col in ("metric", "value", "tokens", "bytes", "estimator"):
@@ -119,3 +119,60 @@ def metrics_table(result: dict[str, Any], details: bool = False) -> Table:
                      else d.get("estimator", ""))
         table.add_row(m["name"], metric_cell(m), f"{m['tokens']:,}", f"{m['bytes']:,}", estimator)
     return table
+
+
+class CompareDisplay(TrainDisplay):
+    """Which objective, which phase, and an ETA across the whole comparison."""
+
+    def __init__(self, quiet: bool = False):
+        super().__init__(quiet=quiet)
+        self.status = None
+
+    def on_phase(self, index: int, total: int, objective: str, phase: str,
+                 eta_s: float | None) -> None:
+        if self.quiet:
+            return
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+        eta = f" · about {fmt_seconds(eta_s)} left for the rest" if eta_s else ""
+        console.rule(f"[{index + 1}/{total}] {objective}: {phase}{eta}")
+        if phase == "eval":
+            self.status = console.status(f"evaluating {objective}…", spinner="dots")
+            self.status.start()
+
+    def eval_progress(self, done: int, total: int) -> None:
+        if self.status is not None:
+            self.status.update(f"evaluating… {done}/{total} batches")
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+def compare_tables(entries: list[Any]) -> list[Table]:
+    """Runs (one row per objective), then metrics × objectives so it fits a terminal."""
+    from lmkit.core.compare import HEADLINE, cell, headline_cells, metric_names
+
+    runs_table = Table(title="lmkit compare: runs")
+    for col in HEADLINE:
+        runs_table.add_column(col, justify="left" if col == "objective" else "right")
+    extra_cols = sorted({k for e in entries for k in e.extra if isinstance(e.extra[k], str)})
+    for col in extra_cols:
+        runs_table.add_column(col, justify="right")
+    for e in entries:
+        runs_table.add_row(*headline_cells(e), *[str(e.extra.get(c, "")) for c in extra_cols])
+    kinds = [k for k in KIND_NOTES if any(m["kind"] == k for e in entries for m in e.metrics)]
+    metrics = Table(title="validation bits per byte (same tokens, exact LUT bytes)",
+                    caption="\n".join(KIND_NOTES[k] for k in kinds), caption_justify="left")
+    metrics.add_column("metric")
+    for e in entries:
+        metrics.add_column(e.objective, justify="right", no_wrap=True)
+    for name in metric_names(entries):
+        row = []
+        for e in entries:
+            by = {m["name"]: m for m in e.metrics}
+            row.append(cell(by.get(name)))
+        metrics.add_row(name, *row)
+    return [runs_table, metrics]

@@ -67,14 +67,16 @@ BUDGET_KEYS = ("steps", "tokens", "time")
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "description": "2 layers, d=64: for tests and smoke runs (seconds on a CPU)",
-        "model": {"n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2, "seq_len": 64},
+        "model": {"n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2, "seq_len": 64,
+                  "cond_dim": 16},
         "optim": {"name": "adamw", "lr": 3e-3},
         "train": {"seq_len": 64, "batch_tokens": 1024, "steps": 40, "log_every": 5,
                   "val_tokens": 4096, "warmup_steps": 5},
     },
     "small": {
         "description": "4 layers, d=256, seq 256: a CPU demo that learns real text in minutes",
-        "model": {"n_layer": 4, "d_model": 256, "n_head": 4, "n_kv_head": 2, "seq_len": 256},
+        "model": {"n_layer": 4, "d_model": 256, "n_head": 4, "n_kv_head": 2, "seq_len": 256,
+                  "cond_dim": 64},
         "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
         "train": {"seq_len": 256, "batch_tokens": 8192, "steps": 400, "log_every": 10,
                   "val_every": 100, "val_tokens": 32768, "warmup_steps": 20},

@@ -1,0 +1,310 @@
+"""``lmkit compare``: every objective on the same data, trunk, budget and seed, in one table.
+
+The table never lets a bound or a score pass for an exact likelihood: each cell carries its kind
+(``=`` exact, ``≤`` upper bound, ``score``) and its standard error where it is estimated.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from lmkit.core import runs
+from lmkit.core.config import resolve_config
+from lmkit.core.datasets import open_for_training
+from lmkit.core.evaluate import evaluate_run
+from lmkit.core.registry import get_objective
+from lmkit.core.train import NullObserver, TrainObserver, batch_geometry, train
+from lmkit.errors import LmkitError
+
+KIND_MARK = {"exact": "=", "upper_bound": "≤", "score": "score "}
+KIND_FOOTNOTES = {
+    "exact": "`=` exact: a code length the model achieves (bits per byte over exactly these "
+             "tokens, bytes from the tokenizer's LUT).",
+    "upper_bound": "`≤` upper bound on the model's code length (a variational bound; ± one "
+                   "standard error of its Monte-Carlo estimate).",
+    "score": "`score`: neither a likelihood nor a bound — not comparable with the rows above "
+             "(e.g. PR #1596's mean of loss_t / t).",
+}
+
+
+class CompareObserver(TrainObserver, Protocol):
+    """Training observer plus the comparison's phases."""
+
+    def on_phase(self, index: int, total: int, objective: str, phase: str,
+                 eta_s: float | None) -> None: ...
+
+    def eval_progress(self, done: int, total: int) -> None: ...
+
+
+class NullCompareObserver(NullObserver):
+    def on_phase(self, index: int, total: int, objective: str, phase: str,
+                 eta_s: float | None) -> None: ...
+
+    def eval_progress(self, done: int, total: int) -> None: ...
+
+
+@dataclass
+class Entry:
+    """One run in the comparison."""
+
+    objective: str
+    run_dir: Path
+    params: int
+    tokens: int
+    train_seconds: float
+    metrics: list[dict[str, Any]]
+    eval: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tok_s(self) -> float | None:
+        return self.tokens / self.train_seconds if self.train_seconds else None
+
+
+def default_compare_dir() -> Path:
+    return Path("comparisons") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _entry_from_run(run_dir: Path, result: dict[str, Any]) -> Entry:
+    meta = json.loads((run_dir / runs.RUN_FILE).read_text())
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    return Entry(objective=meta["objective"], run_dir=run_dir, params=meta["model"]["params"],
+                 tokens=state["tokens"], train_seconds=state["seconds"],
+                 metrics=result["metrics"], eval=result)
+
+
+def compare_objectives(
+    objectives: list[str],
+    *,
+    out: Path | None = None,
+    preset: str | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: tuple[str, ...] | list[str] = (),
+    max_tokens: int | None = None,
+    eval_options: dict[str, dict[str, Any]] | None = None,
+    observer: CompareObserver | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Path, list[Entry]]:
+    """Train every objective under one config (only the objective differs), then evaluate."""
+    observer = observer or NullCompareObserver()
+    if not objectives:
+        raise LmkitError("--objectives is empty; e.g. --objectives ar,mdlm,maskrecon")
+    if len(set(objectives)) != len(objectives):
+        raise LmkitError(f"--objectives lists an objective twice: {','.join(objectives)}")
+    configs = []
+    for name in objectives:
+        get_objective(name)  # fail on a typo before any training
+        cfg = resolve_config(preset=preset, flags={**(flags or {}), "objective": name},
+                             sets=sets)
+        ensure_curve(cfg)
+        configs.append(cfg)
+    out = Path(out) if out else default_compare_dir()
+    if (out / "runs").exists() and any((out / "runs").iterdir()):
+        raise LmkitError(f"{out} already holds a comparison; choose another --out")
+    data = open_for_training(configs[0].data, log)
+    entries: list[Entry] = []
+    started = time.perf_counter()
+    for i, (name, cfg) in enumerate(zip(objectives, configs, strict=True)):
+        elapsed = time.perf_counter() - started
+        eta = elapsed / i * (len(objectives) - i) if i else None
+        observer.on_phase(i, len(objectives), name, "train", eta)
+        run_dir = out / "runs" / name
+        train(cfg, data, run_dir, observer=observer)
+        observer.on_phase(i, len(objectives), name, "eval", None)
+        result = evaluate_run(run_dir, max_tokens=max_tokens, device=cfg.train.device,
+                              options=(eval_options or {}).get(name),
+                              progress=observer.eval_progress)
+        entries.append(_entry_from_run(run_dir, result))
+    return out, entries
+
+
+CURVE_POINTS = 8
+
+
+def ensure_curve(cfg: Any) -> None:
+    """Validate often enough for a curve (about CURVE_POINTS points) unless the user chose."""
+    t = cfg.train
+    if t.val_every:
+        return
+    _, _, tokens_per_step = batch_geometry(cfg)
+    planned = t.steps or (t.tokens // tokens_per_step if t.tokens else 0)
+    if planned:
+        t.val_every = max(1, planned // CURVE_POINTS)
+
+
+def check_comparable(run_dirs: list[Path], force: bool) -> None:
+    """Runs must share data and tokenizer (and should share seq_len) to be compared."""
+    metas = []
+    for d in run_dirs:
+        path = Path(d) / runs.RUN_FILE
+        if not path.exists():
+            raise LmkitError(f"{d} is not an lmkit run directory ({runs.RUN_FILE} is missing)")
+        metas.append((Path(d), json.loads(path.read_text())))
+    first_dir, first = metas[0]
+    for d, meta in metas[1:]:
+        problems = []
+        if meta["data"]["tokenizer"]["sha256"] != first["data"]["tokenizer"]["sha256"]:
+            problems.append("a different tokenizer")
+        if meta["data"]["tokens"] != first["data"]["tokens"]:
+            problems.append("different data")
+        seq = (meta["config"]["train"]["seq_len"], first["config"]["train"]["seq_len"])
+        if seq[0] != seq[1]:
+            problems.append(f"seq_len {seq[0]} vs {seq[1]}")
+        if problems and not force:
+            raise LmkitError(f"{d} and {first_dir} are not comparable ({', '.join(problems)}); "
+                             f"pass --force to compare them anyway")
+
+
+def compare_runs(run_dirs: list[Path], *, force: bool = False, max_tokens: int | None = None,
+                 device: str = "auto",
+                 observer: CompareObserver | None = None) -> list[Entry]:
+    observer = observer or NullCompareObserver()
+    check_comparable(run_dirs, force)
+    entries = []
+    for i, d in enumerate(run_dirs):
+        meta = json.loads((Path(d) / runs.RUN_FILE).read_text())
+        observer.on_phase(i, len(run_dirs), meta["objective"], "eval", None)
+        result = evaluate_run(d, max_tokens=max_tokens, device=device,
+                              progress=observer.eval_progress)
+        entries.append(_entry_from_run(Path(d), result))
+    return entries
+
+
+# -- reports -----------------------------------------------------------------------------------
+def metric_names(entries: list[Entry]) -> list[str]:
+    names: list[str] = []
+    for e in entries:
+        names += [m["name"] for m in e.metrics if m["name"] not in names]
+    return names
+
+
+def cell(m: dict[str, Any] | None) -> str:
+    if m is None:
+        return ""
+    err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
+    return f"{KIND_MARK[m['kind']]}{m['value']:.4f}{err}"
+
+
+def to_json(entries: list[Entry], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        **(extra or {}),
+        "rows": [{
+            "objective": e.objective, "run": str(e.run_dir), "params": e.params,
+            "tokens": e.tokens, "train_seconds": round(e.train_seconds, 3), "tok_s": e.tok_s,
+            "metrics": e.metrics, **e.extra,
+        } for e in entries],
+        "kinds": {k: v.replace("`", "") for k, v in KIND_FOOTNOTES.items()},
+    }
+
+
+def headline_cells(e: Entry) -> list[str]:
+    return [e.objective, f"{e.params:,}", f"{e.tokens:,}", f"{e.train_seconds:.0f}s",
+            f"{e.tok_s:,.0f}" if e.tok_s else "-"]
+
+
+HEADLINE = ["objective", "params", "tokens trained", "train time", "tok/s"]
+
+
+def to_markdown(entries: list[Entry], title: str = "lmkit compare") -> str:
+    names = metric_names(entries)
+    extra_cols = sorted({k for e in entries for k in e.extra if isinstance(e.extra[k], str)})
+    header = HEADLINE + [f"{n} (bpb)" for n in names] + extra_cols
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    for e in entries:
+        by = {m["name"]: m for m in e.metrics}
+        row = headline_cells(e) + [cell(by.get(n)) for n in names] + [str(e.extra.get(c, ""))
+                                                                 for c in extra_cols]
+        lines.append("| " + " | ".join(row) + " |")
+    kinds = [k for k in KIND_FOOTNOTES if any(m["kind"] == k for e in entries for m in e.metrics)]
+    lines += ["", *[f"* {KIND_FOOTNOTES[k]}" for k in kinds]]
+    first = entries[0].metrics[0] if entries and entries[0].metrics else None
+    if first:
+        lines.append(f"* Every metric is scored over {first['tokens']:,} validation tokens "
+                     f"({first['bytes']:,} bytes) unless its JSON `tokens` says otherwise.")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(entries: list[Entry]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    names = metric_names(entries)
+    writer.writerow(["objective", "params", "tokens", "train_seconds", "tok_s",
+                     *[f"{n}_{k}" for n in names for k in ("kind", "value", "stderr")]])
+    for e in entries:
+        by = {m["name"]: m for m in e.metrics}
+        row = [e.objective, e.params, e.tokens, round(e.train_seconds, 3),
+               round(e.tok_s, 1) if e.tok_s else ""]
+        for n in names:
+            m = by.get(n)
+            row += [m["kind"], m["value"], "" if m["stderr"] is None else m["stderr"]] if m \
+                else ["", "", ""]
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def plot_curves(entries: list[Entry], path: Path) -> Path | None:
+    """Validation bpb against tokens seen, one curve per run (None if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for e in entries:
+        vals = [r for r in runs.read_metrics(e.run_dir) if r["type"] == "val" and r["metrics"]]
+        if not vals:
+            continue
+        m0 = vals[0]["metrics"][0]
+        label = f"{e.objective}: {m0['name']} ({KIND_MARK[m0['kind']].strip() or m0['kind']})"
+        errors = [r["metrics"][0]["stderr"] or 0.0 for r in vals]
+        ax.errorbar([r["tokens"] for r in vals], [r["metrics"][0]["value"] for r in vals],
+                    yerr=errors if any(errors) else None, marker="o", capsize=3, label=label)
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("lmkit compare: validation bpb during training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, entries: list[Entry], extra: dict[str, Any] | None = None
+                 ) -> dict[str, Path | None]:
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_curves(entries, out / "val_bpb.png")
+    md = to_markdown(entries)
+    if png is not None:
+        md += f"\n![validation bpb against tokens seen]({png.name})\n"
+    (out / "report.md").write_text(md)
+    runs.write_json(out / "compare.json", to_json(entries, extra))
+    (out / "compare.csv").write_text(to_csv(entries))
+    return {"report": out / "report.md", "json": out / "compare.json", "png": png}
+
+
+def add_pack_columns(entries: list[Entry], *, bits: int = 6,
+                     log: Callable[[str], None] | None = None) -> None:
+    """Pack each run under the default decimal cap and add artifact bytes and its round trip."""
+    from lmkit.core.pack import pack_run
+
+    for e in entries:
+        if log:
+            log(f"packing {e.objective} (int{bits})…")
+        result = pack_run(e.run_dir, bits=bits, max_tokens=e.eval["data"]["max_tokens"])
+        after = result["metrics"][0] if result["metrics"] else None
+        e.extra["artifact bytes"] = f"{result['artifact_bytes']:,}"
+        if after is not None:
+            e.extra[f"round trip {after['name']}"] = cell(after)
+        e.extra["pack"] = result

@@ -1,0 +1,107 @@
+"""`lmkit compare`: one honest table across objectives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from lmkit.cli import main
+from lmkit.core import registry as registry_mod
+from lmkit.core.registry import Registry
+from lmkit.core.runs import read_metrics
+from tests.test_registry import make_objective, plugin_module
+
+FAST = ["--set", "train.seq_len=32", "--set", "model.seq_len=32", "--set",
+        "train.batch_tokens=256", "--set", "train.val_tokens=512", "--set", "train.dtype=fp32"]
+
+
+def run_cli(args, capsys):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def compare_args(data, out, objectives="ar,mdlm,maskrecon", *extra):
+    return ["compare", "--objectives", objectives, "--preset", "tiny", "--steps", "6",
+            "--data", str(data), "--out", str(out), "--max-tokens", "1024", *FAST, *extra]
+
+
+def test_compare_json_md_png_and_determinism(tiny_data, tmp_path, capsys):
+    code, out, err = run_cli(compare_args(tiny_data, tmp_path / "a", "ar,mdlm,maskrecon",
+                                          "--json"), capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    rows = {r["objective"]: r for r in result["rows"]}
+    assert list(rows) == ["ar", "mdlm", "maskrecon"]
+    kinds = {r["objective"]: {m["name"]: m["kind"] for m in r["metrics"]} for r in result["rows"]}
+    assert kinds["ar"] == {"nll": "exact"}
+    assert kinds["mdlm"]["nelbo_mc"] == "upper_bound" and kinds["mdlm"]["chain_rule"] == "exact"
+    assert kinds["maskrecon"]["recon_score"] == "score"
+    for r in result["rows"]:
+        assert r["tokens"] == 6 * 256 and r["params"] > 0
+        for m in r["metrics"]:  # every objective scored the same tokens with the same bytes
+            assert (m["tokens"], m["bytes"]) == (rows["ar"]["metrics"][0]["tokens"],
+                                                 rows["ar"]["metrics"][0]["bytes"])
+    png = tmp_path / "a" / "val_bpb.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["files"]["png"] == str(png)
+    for r in result["rows"]:  # a curve: several validations per run
+        assert len([m for m in read_metrics(r["run"]) if m["type"] == "val"]) >= 3
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "| ar |" in md and "≤" in md and "score " in md and "val_bpb.png" in md
+
+    # the same command again gives the same numbers
+    code, out, err = run_cli(compare_args(tiny_data, tmp_path / "b", "ar,mdlm,maskrecon",
+                                          "--json"), capsys)
+    again = json.loads(out)
+    assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in result["rows"]]
+
+    # existing runs: --md table
+    runs = [r["run"] for r in result["rows"]]
+    code, out, err = run_cli(["compare", *runs, "--md", "--out", str(tmp_path / "c"),
+                              "--max-tokens", "1024"], capsys)
+    assert code == 0, err
+    assert out.startswith("# lmkit compare") and out.count("\n| ") == 4  # header + 3 rows
+
+
+def test_compare_refuses_runs_on_different_data(tiny_data, tmp_path, capsys):
+    code, out, err = run_cli(compare_args(tiny_data, tmp_path / "a", "ar", "--json"), capsys)
+    run = json.loads(out)["rows"][0]["run"]
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    meta = json.loads((other / "run.json").read_text())
+    meta["data"]["tokenizer"]["sha256"] = "0" * 64
+    (other / "run.json").write_text(json.dumps(meta))
+    code, _, err = run_cli(["compare", run, str(other), "--out", str(tmp_path / "c")], capsys)
+    assert code == 1 and "not comparable" in err and "--force" in err
+
+
+def test_compare_needs_runs_or_objectives(capsys):
+    code, _, err = run_cli(["compare"], capsys)
+    assert code == 1 and "either RUN_DIRs" in err
+    code, _, err = run_cli(["compare", "--objectives", "ar,nope", "--preset", "tiny"], capsys)
+    assert code == 1 and "unknown objective 'nope'" in err
+
+
+@pytest.fixture
+def third_party():
+    reg = Registry()
+    reg.load(entry_points=False)
+    reg.add_plugin(plugin_module("theirs", make_objective("theirs")), "theirs", "lmkit-theirs",
+                   "0.3")
+    registry_mod.reset_registry(reg)
+    yield
+    registry_mod.reset_registry(None)
+
+
+def test_a_third_party_objective_can_be_compared(tiny_data, tmp_path, capsys, third_party):
+    code, out, err = run_cli(compare_args(tiny_data, tmp_path / "a", "ar,theirs", "--json"),
+                             capsys)
+    assert code == 0, err
+    assert [r["objective"] for r in json.loads(out)["rows"]] == ["ar", "theirs"]
