@@ -89,14 +89,19 @@ def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return inner.state_dict()
 
 
-def read_state(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / CHECKPOINT_DIR / "state.json"
+def read_json(path: Path, missing: str) -> Any:
+    """A JSON file the user may have damaged: a clear error, never a traceback."""
     if not path.exists():
-        raise LmkitError(f"{Path(run_dir)} has no checkpoint ({path} is missing)")
+        raise LmkitError(missing)
     try:
-        state = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise LmkitError(f"{path} is corrupt: {exc}") from None
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / CHECKPOINT_DIR / "state.json"
+    state = read_json(path, f"{Path(run_dir)} has no checkpoint ({path} is missing)")
     if state.get("format") != FORMAT:
         raise LmkitError(f"{path}: unknown checkpoint format {state.get('format')!r}")
     return state

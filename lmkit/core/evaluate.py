@@ -62,25 +62,16 @@ def evaluate_run(
 
 
 def evaluate_loaded(
-    run: runs.Run,
-    *,
-    model: torch.nn.Module | None = None,
-    max_tokens: int | None = None,
-    options: dict[str, Any] | None = None,
-    data_dir: str | Path | None = None,
-    dtype: str | None = None,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    progress: Any = None,
+    run: runs.Run, *, model: torch.nn.Module | None = None, **context: Any
 ) -> dict[str, Any]:
     """Score ``model`` (default: the run's own) with the run's objective on its validation data.
 
-    ``model`` lets a caller score a modified copy, e.g. the dequantized round trip of an artifact.
+    ``model`` lets a caller score a modified copy, e.g. the dequantized round trip of an artifact;
+    ``context`` are :func:`make_eval_context`'s options (max_tokens, options, seed, ...).
     """
     model = run.model if model is None else model
-    ctx, data = make_eval_context(run, model, max_tokens=max_tokens, options=options,
-                                  data_dir=data_dir, dtype=dtype, batch_size=batch_size,
-                                  seed=seed, progress=progress)
+    ctx, data = make_eval_context(run, model, **context)
+    max_tokens = context.get("max_tokens")
     calls = [0]
     hook = model.embed.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     ctx.model_calls = lambda: calls[0]

@@ -28,7 +28,7 @@ import torch
 
 from lmkit import __version__
 from lmkit.core import config as config_mod
-from lmkit.core.checkpoint import CHECKPOINT_DIR, load_model_weights, read_state
+from lmkit.core.checkpoint import CHECKPOINT_DIR, load_model_weights, read_json, read_state
 from lmkit.errors import LmkitError
 from lmkit.protocols import TokenSpec
 
@@ -139,12 +139,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     meta_path = run_dir / RUN_FILE
     if not run_dir.is_dir():
         raise LmkitError(f"run directory {run_dir} does not exist")
-    if not meta_path.exists():
-        raise LmkitError(f"{run_dir} is not an lmkit run directory ({RUN_FILE} is missing)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LmkitError(f"{meta_path} is corrupt: {exc}") from None
+    meta = read_json(meta_path,
+                     f"{run_dir} is not an lmkit run directory ({RUN_FILE} is missing)")
     cfg = config_mod.from_dict(meta["config"])
     entry = get_objective(cfg.objective)
     tokens = TokenSpec(**meta["tokens"])
