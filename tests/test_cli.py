@@ -153,3 +153,17 @@ def test_python_dash_m_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "train.nope" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_pack_then_eval_the_artifact(data_copy, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(train_args(data_copy, run), capsys)[0] == 0
+    code, out, err = run_cli(["pack", str(run), "--bits", "8", "--max-tokens", "512", "--json"],
+                             capsys)
+    assert code == 0, err
+    packed = json.loads(out)
+    assert packed["artifact_bytes"] == Path(packed["artifact"]).stat().st_size
+    assert packed["cap_bytes"] == 16_000_000
+    code, out, err = run_cli(["eval", packed["artifact"], "--max-tokens", "512", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["metrics"] == packed["metrics"]
