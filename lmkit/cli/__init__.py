@@ -319,22 +319,24 @@ def bench() -> None:
 
 @bench.command("train")
 @click.option("--preset", default="small", show_default=True)
+@click.option("--objective", default="ar", show_default=True)
 @click.option("--steps", default=8, show_default=True, help="Timed steps per precision.")
 @click.option("--warmup", default=2, show_default=True, help="Untimed steps first.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_train(preset: str, steps: int, warmup: int, device: str, as_json: bool) -> None:
+def bench_train(preset: str, objective: str, steps: int, warmup: int, device: str,
+                as_json: bool) -> None:
     """Training tokens/s and MFU (vs the matmul peak measured now) in fp32 and bf16."""
     from lmkit.core.bench import bench_train as run
 
-    result = run(preset=preset, steps=steps, warmup=warmup, device=device,
+    result = run(preset=preset, objective=objective, steps=steps, warmup=warmup, device=device,
                  log=None if as_json else console.print)
     if as_json:
         emit_json(result)
         return
     from rich.table import Table
 
-    table = Table(title=f"lmkit bench train · preset {preset} · {result['device']}")
+    table = Table(title=f"lmkit bench train · {objective} · preset {preset} · {result['device']}")
     for col in ("precision", "tok/s", "MFU", "peak matmul", "step time"):
         table.add_column(col, justify="right")
     for row in result["rows"]:
