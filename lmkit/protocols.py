@@ -129,3 +129,65 @@ REQUIRED_OBJECTIVE_ATTRS = (
     "name", "description", "special_tokens", "Options", "EvalOptions",
     "configure_model", "loss", "evaluate",
 )
+
+
+@dataclass
+class SampleContext:
+    """What a sampler gets: the request, the run's objective and a seeded generator.
+
+    ``prompt`` (int64 ``[P]``, BOS first) starts every sample and is never changed; ``length``
+    tokens are generated after it. ``context`` is the longest sequence the run was trained on.
+    ``steps`` is the number of denoising steps (samplers without steps ignore it). Every random
+    draw must come from ``generator`` so that a seed fixes the output; draw in ``dtype``
+    (float64 by default, see :mod:`lmkit.core.sampling`). ``options`` is the sampler's
+    ``Options`` dataclass, filled from ``--opt key=value``. A masked objective exposes its
+    :class:`~lmkit.core.masking.MaskedSpec` as ``objective.spec``.
+    """
+
+    objective: Any
+    tokens: TokenSpec
+    prompt: torch.Tensor
+    num: int
+    length: int
+    steps: int
+    context: int
+    generator: torch.Generator
+    device: torch.device
+    autocast: Callable[[], AbstractContextManager[Any]]
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    options: Any = None
+    dtype: Any = None  # torch dtype of every random draw; None = float64
+
+
+@dataclass
+class SampleResult:
+    """What ``Sampler.sample`` returns.
+
+    ``tokens``: int64 ``[num, P + length]``, the prompt then the generated ids, all real
+    vocabulary ids (never MASK or PAD); the host checks this. ``detail``: anything worth
+    reporting (e.g. steps taken). The host counts the model's forward passes (NFE) itself.
+    """
+
+    tokens: torch.Tensor
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """A way to generate text from a trained model, registered through ``register_samplers``.
+
+    Class attributes: ``name``, ``description``, ``objectives`` (the objective names it serves,
+    ``("*",)`` for any) and optionally ``Options`` (a dataclass of ``--opt`` settings). The host
+    instantiates it with no arguments and calls ``sample`` under ``torch.no_grad()`` with the
+    model in eval mode.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    objectives: ClassVar[tuple[str, ...]]
+
+    def sample(self, model: Transformer, ctx: SampleContext) -> SampleResult:
+        """Generate ``ctx.num`` sequences of ``ctx.length`` tokens after ``ctx.prompt``."""
+        ...

@@ -155,10 +155,22 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=int, help="Windows per forward pass.")
 @click.option("--seed", type=int, help="Seed of the Monte-Carlo estimators [default: the run's].")
+@click.option("--gen", is_flag=True,
+              help="Also generation metrics (kind score): gen_ppl of samples under --judge, with "
+                   "their unigram entropy, NFE and tokens/s.")
+@click.option("--judge", "judge_dir", type=click.Path(path_type=Path),
+              help="For --gen: an AR run with the same tokenizer that scores the samples.")
+@click.option("--sampler", help="For --gen: sampler [default: the first serving the objective].")
+@click.option("--num", type=click.IntRange(min=1), default=8, show_default=True,
+              help="For --gen: number of samples.")
+@click.option("--length", type=click.IntRange(min=1),
+              help="For --gen: tokens per sample [default: 128, at most the context].")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="For --gen: denoising steps T of diffusion samplers [default: --length].")
 @click.option("--details", is_flag=True, help="Show every detail of each metric in the table.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (see docs).")
-def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, seed, details,
-             as_json) -> None:
+def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, seed, gen,
+             judge_dir, sampler, num, length, steps, details, as_json) -> None:
     """Score a run's checkpoint (or a packed ARTIFACT file) on validation data in bits per byte.
 
     Each metric states its kind: `exact` (a true code length), `upper_bound` (a bound on one, with
@@ -171,6 +183,13 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, se
     options = dict(parse_set(o) for o in opts)
     if stride is not None:
         options["stride"] = stride
+    if gen:
+        if judge_dir is None:
+            raise LmkitError("--gen needs --judge AR_RUN: an AR run trained with the same "
+                             "tokenizer scores the samples")
+        from lmkit.core.generate import check_judge
+
+        check_judge(run_dir, judge_dir)  # fail before a long evaluation
     kwargs = dict(max_tokens=max_tokens, options=options, seed=seed, data_dir=data_dir,
                   device=device, batch_size=batch_size)
     with console.status("evaluating…", spinner="dots") if not as_json else nullcontext():
@@ -180,6 +199,11 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, se
             result = evaluate_artifact(run_dir, **kwargs)
         else:
             result = evaluate_run(run_dir, **kwargs)
+        if gen:
+            from lmkit.core.generate import add_generation_metrics
+
+            add_generation_metrics(result, judge_dir, sampler=sampler, num=num, length=length,
+                                   steps=steps, seed=seed, device=device)
     if as_json:
         emit_json(result)
     else:
@@ -383,9 +407,12 @@ def bench_eval(run_dir: Path, max_tokens: int | None, opts: tuple[str, ...], dev
 
 
 from lmkit.cli.pack import bench_pack_command, pack_command  # noqa: E402
+from lmkit.cli.sample import bench_sample_command, sample_command  # noqa: E402
 
 cli.add_command(pack_command)
+cli.add_command(sample_command)
 bench.add_command(bench_pack_command)
+bench.add_command(bench_sample_command)
 
 
 # -- entry point -------------------------------------------------------------------------------

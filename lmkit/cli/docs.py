@@ -27,6 +27,9 @@ def render() -> str:
                          **{k: v for k, v in cli.context_settings.items()
                             if k != "max_content_width"})
     for ctx, command in _walk(cli, root):
+        # click caches each command's help option from the first context that asked for it
+        # (a test may have invoked a command on its own); rebuild it from this context chain.
+        command._help_option = None
         parts.append(f"\n## `{ctx.command_path}`\n\n```\n{command.get_help(ctx)}\n```\n")
     return "".join(parts)
 

@@ -26,12 +26,13 @@ BUILTIN_PLUGINS = (
     "lmkit.plugins.ar",
     "lmkit.plugins.mdlm",
     "lmkit.plugins.maskrecon",
+    "lmkit.plugins.samplers",
     "lmkit.plugins.corpora",
 )
 KINDS = {
     # hook name -> (kind, attributes every registered object must have)
     "register_objectives": ("objective", None),
-    "register_samplers": ("sampler", ("name", "description")),
+    "register_samplers": ("sampler", ("name", "description", "objectives", "sample")),
     "register_corpora": ("corpus", ("name", "description", "documents")),
 }
 

@@ -131,6 +131,35 @@ class Rotary(nn.Module):
         return self.cos[:T], self.sin[:T]
 
 
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far (causal inference only).
+
+    Only per-layer K/V are kept: the residual stream (x0 mix, U-Net skips) of a new token depends
+    on earlier tokens only through attention, so it is recomputed for the new tokens alone.
+    Buffers are allocated on first use with the dtype K/V arrive in (bf16 under autocast).
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.pos = 0  # positions already stored (the next token's position)
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k, v`` ([B, H_kv, T, hd]) at ``pos`` and return all keys/values so far."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise LmkitError(f"the KV cache holds {self.max_len} positions, {end} were asked "
+                             "for: build it with a larger max_len")
+        if layer == len(self.k):
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k.append(k.new_empty(shape))
+            self.v.append(v.new_empty(shape))
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the two halves of each head ([B, H, T, hd]) by position-dependent angles."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -156,7 +185,8 @@ class Attention(nn.Module):
         else:
             self.register_parameter("q_gain", None)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, d = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -166,8 +196,15 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.q_gain is not None:
             q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        mask, causal = None, self.causal
+        if cache is not None:  # queries sit at cache.pos.., keys run from position 0
+            k, v = cache.update(layer, k, v)
+            if cache.pos and T > 1:  # a chunk after a prefix: causal, offset by cache.pos
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device)
+                mask = mask.tril(diagonal=cache.pos)
+            causal = causal and cache.pos == 0 and T > 1
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, enable_gqa=self.n_kv_head != self.n_head
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
@@ -207,14 +244,15 @@ class Block(nn.Module):
         # AdaLN: shift/scale for the attention and MLP inputs, from the time embedding.
         self.adaln = zero_linear(cfg.cond_dim, 4 * d, bias=True) if cfg.time_cond else None
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, c: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, c: Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
         if self.resid_mix is not None:
             x = self.resid_mix[0] * x + self.resid_mix[1] * x0
         h_attn = norm(x)
         if self.adaln is not None:
             shift_a, scale_a, shift_m, scale_m = self.adaln(c).chunk(4, dim=-1)
             h_attn = modulate(h_attn, shift_a, scale_a)
-        a = self.attn(h_attn, cos, sin)
+        a = self.attn(h_attn, cos, sin, cache, layer)
         x = x + (a if self.attn_scale is None else self.attn_scale * a)
         h_mlp = norm(x)
         if self.adaln is not None:
@@ -248,6 +286,8 @@ def padded_vocab_size(vocab_size: int, n_special: int = 0) -> int:
 class Transformer(nn.Module):
     """The trunk: ``forward(idx, cond=None) -> logits [B, T, vocab_size]`` in float32.
 
+    Causal decoding passes ``cache=model.new_cache(max_len)``: ``idx`` then holds only the new
+    tokens, which sit at positions ``cache.pos..`` (the cache advances by ``idx.size(1)``).
     Ids ``vocab_size, vocab_size+1, ...`` (up to ``n_special`` of them) are special tokens such as
     MASK or PAD: they have embedding rows but no output logits, so the model never predicts them.
     """
@@ -276,20 +316,28 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             nn.init.normal_(self.embed.weight, mean=0.0, std=cfg.embed_init_std)
 
-    def forward_hidden(self, idx: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward_hidden(self, idx: Tensor, cond: Tensor | None = None,
+                       cache: KVCache | None = None) -> Tensor:
         """Final normalised hidden states [B, T, d] (for objectives that want their own head)."""
         c = self._condition(idx, cond)
         x = x0 = norm(self.embed(idx))
-        cos, sin = self.rotary(idx.size(1))
+        start = 0
+        if cache is not None:
+            self._require_causal()
+            start = cache.pos
+        cos, sin = self.rotary(start + idx.size(1))
+        cos, sin = cos[start:], sin[start:]
         skips = []
         for i, block in enumerate(self.blocks):
             if i < self.n_enc:
-                x = block(x, x0, cos, sin, c)
+                x = block(x, x0, cos, sin, c, cache, i)
                 skips.append(x)
                 continue
             if skips:  # decoder block j adds the output of encoder block n_enc-1-j
                 x = x + self.skip_weights[i - self.n_enc] * skips.pop()
-            x = block(x, x0, cos, sin, c)
+            x = block(x, x0, cos, sin, c, cache, i)
+        if cache is not None:
+            cache.pos += idx.size(1)
         return norm(x)
 
     def logits(self, h: Tensor) -> Tensor:
@@ -299,8 +347,19 @@ class Transformer(nn.Module):
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(z / cap) if cap else z
 
-    def forward(self, idx: Tensor, cond: Tensor | None = None) -> Tensor:
-        return self.logits(self.forward_hidden(idx, cond))
+    def forward(self, idx: Tensor, cond: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        return self.logits(self.forward_hidden(idx, cond, cache))
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """An empty KV cache for decoding up to ``max_len`` positions with this causal model."""
+        self._require_causal()
+        return KVCache(max_len)
+
+    def _require_causal(self) -> None:
+        if not self.cfg.causal:
+            raise LmkitError("a KV cache needs a causal model: with bidirectional attention "
+                             "every new token changes the keys of all earlier ones")
 
     def _condition(self, idx: Tensor, cond: Tensor | None) -> Tensor | None:
         """Check ``cond`` against ``time_cond`` and embed it; the checks are on shapes only."""

@@ -1,0 +1,134 @@
+"""``lmkit sample`` and ``lmkit bench sample``: parse, call :mod:`lmkit.core.generate`, print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lmkit.cli.display import console
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _options(opts: tuple[str, ...]) -> dict[str, Any]:
+    from lmkit.core.config import parse_set
+
+    return dict(parse_set(o) for o in opts)
+
+
+@click.command("sample")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--sampler", help="A registered sampler (see `lmkit samplers`) [default: the first "
+                                "that serves the run's objective: ar for AR, ddpm for masked].")
+@click.option("--num", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Number of samples.")
+@click.option("--length", type=click.IntRange(min=1),
+              help="Tokens to generate per sample [default: 128, at most the run's context].")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Denoising steps T of diffusion samplers [default: --length].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random draw: the same seed gives the same text.")
+@click.option("--prompt", help="Text the samples continue (after BOS).")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Softmax temperature (0 = greedy).")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely "
+                                                                       "tokens (0 = off).")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="Keep the most likely tokens up to this probability mass (1 = off).")
+@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
+              help="A sampler option, e.g. use_cache=false (ar) or schedule=cosine (confidence).")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Samples generated at once [default: all]; the output depends on it.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Precision of the model's forward passes (draws are always float64).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: per sample text, token ids, nfe, seconds, tokens/s.")
+def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperature, top_k, top_p,
+                   opts, batch_size, dtype, device, as_json) -> None:
+    """Generate text from a run's checkpoint with a registered sampler.
+
+    Random draws (categorical/Gumbel) are made in float64, from one generator seeded with
+    --seed. NFE counts the model's forward passes per batch. A BOS inside a sample (a new
+    document) is shown as a blank line.
+    """
+    from lmkit.core.generate import sample_run
+
+    kwargs = dict(num=num, length=length, steps=steps, seed=seed, prompt=prompt,
+                  temperature=temperature, top_k=top_k, top_p=top_p, options=_options(opts),
+                  batch_size=batch_size, precision=dtype, device=device)
+    if as_json:
+        samples = sample_run(run_dir, sampler, **kwargs)
+        _emit_json({"run": str(run_dir), "sampler": samples[0]["sampler"], "seed": seed,
+                    "samples": samples})
+        return
+    with console.status("sampling…", spinner="dots"):
+        samples = sample_run(run_dir, sampler, **kwargs)
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.text import Text
+
+    out = Console(highlight=False)  # the samples are the command's output: stdout
+    for s in samples:
+        body = Text(s["prompt"], style="bold")
+        body.append(s["text"][len(s["prompt"]):] if s["text"].startswith(s["prompt"])
+                    else s["text"])
+        title = (f"{s['sampler']} · sample {s['index']} · {len(s['token_ids'])} tokens · "
+                 f"NFE {s['nfe']} · {s['tokens_per_s']:,.0f} tokens/s")
+        out.print(Panel(body, title=title, title_align="left"))
+
+
+@click.command("sample")
+@click.option("--ar-run", type=click.Path(path_type=Path),
+              help="A trained AR run [default: a freshly initialised --preset model].")
+@click.option("--mdlm-run", type=click.Path(path_type=Path),
+              help="A trained mdlm (or maskrecon) run [default: a fresh --preset model].")
+@click.option("--preset", default="small", show_default=True)
+@click.option("--num", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Samples generated at once.")
+@click.option("--length", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens per sample (at most the context minus BOS).")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="T of the diffusion samplers [default: 4 × --length].")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Timed repeats per sampler (the best is kept).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_sample_command(ar_run, mdlm_run, preset, num, length, steps, repeats, seed, dtype,
+                         device, as_json) -> None:
+    """Tokens/s and NFE: ar with vs without KV cache; ddpm vs ddpm_cache vs confidence.
+
+    Measured side by side in one process, at the same length and T; the ratios are to the
+    first row of each group. The token-for-token agreement of the pairs that must agree is
+    checked on the way.
+    """
+    from lmkit.core.generate import bench_sample
+
+    result = bench_sample(ar_run=ar_run, mdlm_run=mdlm_run, preset=preset, num=num,
+                          length=length, steps=steps, seed=seed, repeats=repeats,
+                          device=device, precision=dtype, log=None if as_json else console.print)
+    if as_json:
+        _emit_json(result)
+        return
+    from rich.table import Table
+
+    for group in result["groups"]:
+        steps_note = f", T={group['steps']}" if group["steps"] else ""
+        table = Table(title=f"lmkit bench sample · {group['objective']} · {result['device']} · "
+                            f"{group['num']}×{group['length']} tokens{steps_note}",
+                      caption=f"model: {group['model']}", caption_justify="left")
+        for col in ("sampler", "tokens/s", "NFE", "seconds", f"× {group['reference']}"):
+            table.add_column(col, justify="left" if col == "sampler" else "right")
+        for row in group["rows"]:
+            table.add_row(row["label"], f"{row['tokens_per_s']:,.0f}", str(row["nfe"]),
+                          f"{row['seconds']:.2f}", f"{row['speedup']:.2f}×")
+        console.print(table)
+        for pair, same in group["identical_tokens"].items():
+            console.print(f"{pair}: {'identical tokens' if same else '[red]TOKENS DIFFER[/]'}")
