@@ -105,3 +105,14 @@ def test_a_third_party_objective_can_be_compared(tiny_data, tmp_path, capsys, th
                              capsys)
     assert code == 0, err
     assert [r["objective"] for r in json.loads(out)["rows"]] == ["ar", "theirs"]
+
+
+def test_compare_with_pack_and_gen(tiny_data, tmp_path, capsys):
+    code, out, err = run_cli(compare_args(tiny_data, tmp_path / "a", "ar,mdlm", "--pack",
+                                          "--gen", "--json"), capsys)
+    assert code == 0, err
+    for row in json.loads(out)["rows"]:
+        kinds = {m["name"]: m["kind"] for m in row["metrics"]}
+        assert kinds["gen_ppl"] == kinds["gen_entropy"] == "score"
+        assert int(row["artifact bytes"].replace(",", "")) == row["pack"]["artifact_bytes"]
+        assert row["pack"]["artifact_bytes"] <= 16_000_000

@@ -222,12 +222,16 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, se
 @click.option("--force", is_flag=True, help="Compare runs whose data or tokenizer differ.")
 @click.option("--pack", "with_pack", is_flag=True,
               help="Also pack each run (int6 GPTQ/LZMA) and report artifact bytes and round trip.")
+@click.option("--gen", is_flag=True,
+              help="Also sample each run and score the samples under the AR run (kind score): "
+                   "generative perplexity with unigram entropy.")
 @click.option("--json", "fmt", flag_value="json", help="Print the comparison as JSON.")
 @click.option("--md", "fmt", flag_value="md", help="Print the comparison as a markdown table.")
 @click.option("--csv", "fmt", flag_value="csv", help="Print the comparison as CSV.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, seconds, seed,
-            device, config_file, sets, out, max_tokens, force, with_pack, fmt, quiet) -> None:
+            device, config_file, sets, out, max_tokens, force, with_pack, gen, fmt,
+            quiet) -> None:
     """One honest table across objectives: trained fresh (--objectives) or existing RUN_DIRs.
 
     Every cell states its kind — `=` exact, `≤` upper bound (± standard error), `score` — and
@@ -259,6 +263,9 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
                                         device=device or "auto", observer=display)
         if with_pack:
             core.add_pack_columns(entries, log=None if fmt else console.print)
+        if gen:
+            core.add_generation_columns(entries, seed=seed or 0,
+                                        log=None if fmt else console.print)
     finally:
         display.close()
     files = core.write_report(out, entries, {"comparison": str(out)})

@@ -164,7 +164,8 @@ def compare_tables(entries: list[Any]) -> list[Table]:
     for e in entries:
         runs_table.add_row(*headline_cells(e), *[str(e.extra.get(c, "")) for c in extra_cols])
     kinds = [k for k in KIND_NOTES if any(m["kind"] == k for e in entries for m in e.metrics)]
-    metrics = Table(title="validation bits per byte (same tokens, exact LUT bytes)",
+    units = {m["name"]: m["unit"] for e in entries for m in e.metrics}
+    metrics = Table(title="validation metrics (bpb: same tokens, exact LUT bytes)",
                     caption="\n".join(KIND_NOTES[k] for k in kinds), caption_justify="left")
     metrics.add_column("metric")
     for e in entries:
@@ -174,5 +175,5 @@ def compare_tables(entries: list[Any]) -> list[Table]:
         for e in entries:
             by = {m["name"]: m for m in e.metrics}
             row.append(cell(by.get(name)))
-        metrics.add_row(name, *row)
+        metrics.add_row(f"{name} ({units[name]})", *row)
     return [runs_table, metrics]

@@ -216,7 +216,8 @@ HEADLINE = ["objective", "params", "tokens trained", "train time", "tok/s"]
 def to_markdown(entries: list[Entry], title: str = "lmkit compare") -> str:
     names = metric_names(entries)
     extra_cols = sorted({k for e in entries for k in e.extra if isinstance(e.extra[k], str)})
-    header = HEADLINE + [f"{n} (bpb)" for n in names] + extra_cols
+    units = {m["name"]: m["unit"] for e in entries for m in e.metrics}
+    header = HEADLINE + [f"{n} ({units[n]})" for n in names] + extra_cols
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
     for e in entries:
@@ -306,5 +307,24 @@ def add_pack_columns(entries: list[Entry], *, bits: int = 6,
         after = result["metrics"][0] if result["metrics"] else None
         e.extra["artifact bytes"] = f"{result['artifact_bytes']:,}"
         if after is not None:
-            e.extra[f"round trip {after['name']}"] = cell(after)
+            e.extra["round trip"] = f"{after['name']} {cell(after)}"
         e.extra["pack"] = result
+
+
+def add_generation_columns(entries: list[Entry], *, num: int = 8, length: int | None = None,
+                           steps: int | None = None, seed: int = 0,
+                           log: Callable[[str], None] | None = None) -> None:
+    """Generative perplexity of each run's samples under the comparison's AR run (the judge),
+    always with the samples' unigram entropy (gen-ppl alone rewards repetition)."""
+    from lmkit.core.generate import JUDGE_OBJECTIVES, add_generation_metrics
+
+    judges = [e for e in entries if e.objective in JUDGE_OBJECTIVES]
+    if not judges:
+        raise LmkitError(f"--gen needs a judge in the comparison: one of "
+                         f"{', '.join(JUDGE_OBJECTIVES)}")
+    for e in entries:
+        if log:
+            log(f"sampling {e.objective} and scoring under the {judges[0].objective} judge…")
+        e.eval = add_generation_metrics(e.eval, judges[0].run_dir, num=num, length=length,
+                                        steps=steps, seed=seed)
+        e.metrics = e.eval["metrics"]
