@@ -1,8 +1,12 @@
 """lmkit: train and honestly compare small language models on one shared trunk.
 
-The public API for plugin authors and scripts: ``hookimpl`` (decorate hook implementations),
-the protocols and data classes in :mod:`lmkit.protocols`, :class:`Metric` and :func:`load_run`.
-Heavy modules (torch) load only when a name that needs them is used.
+The public API for plugin authors and scripts (documented in docs/api.md; stable: names are
+only ever added): ``hookimpl`` (decorate hook implementations), the protocols and data classes
+of :mod:`lmkit.protocols` (``Objective``, ``Batch``, ``LossOutput``, ``EvalContext``,
+``TokenSpec``, ``Sampler``, ``SampleContext``, ``SampleResult``), ``Metric`` / ``BpbMeter`` /
+``ByteLUT`` (what ``EvalContext.meter`` and ``EvalContext.lut`` are), the trunk
+(``ModelConfig``, ``Transformer``), ``load_run``, ``LmkitError``, and the contract test kit
+:mod:`lmkit.testing`. Heavy modules (torch) load only when a name that needs them is used.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ _LAZY = {
     "LossOutput": "lmkit.protocols",
     "Objective": "lmkit.protocols",
     "TokenSpec": "lmkit.protocols",
+    "Sampler": "lmkit.protocols",
+    "SampleContext": "lmkit.protocols",
+    "SampleResult": "lmkit.protocols",
     "Metric": "lmkit.core.bpb",
+    "BpbMeter": "lmkit.core.bpb",
+    "ByteLUT": "lmkit.core.bpb",
     "ModelConfig": "lmkit.core.trunk",
     "Transformer": "lmkit.core.trunk",
     "load_run": "lmkit.core.runs",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import click
 
 from lmkit import __version__
-from lmkit.cli.display import TrainDisplay, console, metrics_table
+from lmkit.cli.display import TrainDisplay, console, metrics_table, output
 from lmkit.errors import LmkitError
 
 
@@ -207,7 +208,7 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, se
     if as_json:
         emit_json(result)
     else:
-        console.print(metrics_table(result, details=details))
+        output.print(metrics_table(result, details=details))
 
 
 # -- compare -----------------------------------------------------------------------------------
@@ -278,9 +279,9 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
         click.echo(core.to_csv(entries), nl=False)
     else:
         for table in compare_tables(entries):
-            console.print(table)
+            output.print(table)
         png = files["png"] or "(no PNG: install matplotlib, e.g. pip install 'lmkit[plot]')"
-        console.print(f"report: {files['report']}\nplot:   {png}")
+        output.print(f"report: {files['report']}\nplot:   {png}")
 
 
 # -- plugins -----------------------------------------------------------------------------------
@@ -296,9 +297,9 @@ def plugins(show_all: bool, as_json: bool) -> None:
         emit_json(rows)
         return
     if not rows:
-        console.print("no third-party plugins installed (use --all to include the built-ins)")
+        output.print("no third-party plugins installed (use --all to include the built-ins)")
     for row in rows:
-        console.print(f"[bold]{row['name']}[/] ({row['distribution']} {row['version']}): "
+        output.print(f"[bold]{row['name']}[/] ({row['distribution']} {row['version']}): "
                       f"{', '.join(row['hooks'])}")
 
 
@@ -310,7 +311,7 @@ def _list_entries(kind: str, as_json: bool) -> None:
         emit_json(rows)
         return
     for row in rows:
-        console.print(f"[bold]{row['name']}[/]  {row['description']}  "
+        output.print(f"[bold]{row['name']}[/]  {row['description']}  "
                       f"[dim]({row['plugin']}, {row['distribution']} {row['version']})[/]")
 
 
@@ -339,7 +340,7 @@ def presets(as_json: bool) -> None:
         emit_json(rows)
         return
     for row in rows:
-        console.print(f"[bold]{row['name']}[/]  {row['description']}")
+        output.print(f"[bold]{row['name']}[/]  {row['description']}")
 
 
 # -- bench -------------------------------------------------------------------------------------
@@ -373,8 +374,8 @@ def bench_train(preset: str, objective: str, steps: int, warmup: int, device: st
     for row in result["rows"]:
         table.add_row(row["precision"], f"{row['tok_s']:,.0f}", f"{100 * row['mfu']:.1f}%",
                       f"{row['peak_flops'] / 1e9:,.1f} GFLOP/s", f"{row['step_seconds']:.3f}s")
-    console.print(table)
-    console.print(f"bf16 / fp32 tokens/s: {result['bf16_over_fp32']:.2f}×")
+    output.print(table)
+    output.print(f"bf16 / fp32 tokens/s: {result['bf16_over_fp32']:.2f}×")
 
 
 @bench.command("eval")
@@ -410,7 +411,7 @@ def bench_eval(run_dir: Path, max_tokens: int | None, opts: tuple[str, ...], dev
         table.add_row(row["metric"], metric_cell({**row, "unit": "bpb"}),
                       f"{row['seconds_per_1m_tokens']:,.0f}",
                       f"{row['model_calls_per_1m_tokens']:,.0f}")
-    console.print(table)
+    output.print(table)
 
 
 from lmkit.cli.pack import bench_pack_command, pack_command  # noqa: E402
@@ -431,6 +432,8 @@ def _add_plugin_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit status 1."""
+    # A skipped plugin is reported as one line (the message names entry point and distribution).
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{message}\n"
     try:
         _add_plugin_commands()
         cli.main(args=argv, prog_name="lmkit", standalone_mode=False)

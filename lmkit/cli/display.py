@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress and logs
+output = Console(highlight=False, soft_wrap=True)  # a command's results, on stdout
 
 
 def fmt_count(n: float | None) -> str:

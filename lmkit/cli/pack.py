@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from lmkit.cli.display import console, metric_cell
+from lmkit.cli.display import console, metric_cell, output
 
 # Mirrors of lmkit.core.quant.DEFAULT_CAP_BYTES and lmkit.core.pack.DEFAULT_CALIB_TOKENS, kept here
 # so `lmkit --help` does not import torch (a test checks they agree).
@@ -83,8 +83,8 @@ def pack_command(run_dir, bits, method, cap_bytes, compression, calib_tokens, ma
     for m, p in zip(result["metrics"], result["penalty"], strict=False):
         table.add_row(m["name"], metric_cell(before[m["name"]]), metric_cell(m),
                       f"{p['delta']:+.4f} {p['unit']}")
-    console.print(table)
-    console.print(f"artifact {result['artifact']}: {result['artifact_bytes']:,} bytes "
+    output.print(table)
+    output.print(f"artifact {result['artifact']}: {result['artifact_bytes']:,} bytes "
                   f"(cap {result['cap_bytes']:,} decimal bytes; "
                   f"{result['pruned_values']:,} ±1 values pruned)")
 
@@ -119,4 +119,4 @@ def bench_pack_command(run_dirs, max_tokens, calib_tokens, device, as_json) -> N
             table.add_row(Path(entry["run"]).name, entry["objective"], row["recipe"],
                           f"{row['artifact_bytes']:,}", f"{entry['before']:.4f}",
                           f"{row['after']:.4f}", f"{row['penalty']:+.4f}")
-    console.print(table)
+    output.print(table)

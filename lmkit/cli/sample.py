@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from lmkit.cli.display import console
+from lmkit.cli.display import console, output
 
 
 def _emit_json(data: Any) -> None:
@@ -129,6 +129,6 @@ def bench_sample_command(ar_run, mdlm_run, preset, num, length, steps, repeats, 
         for row in group["rows"]:
             table.add_row(row["label"], f"{row['tokens_per_s']:,.0f}", str(row["nfe"]),
                           f"{row['seconds']:.2f}", f"{row['speedup']:.2f}×")
-        console.print(table)
+        output.print(table)
         for pair, same in group["identical_tokens"].items():
-            console.print(f"{pair}: {'identical tokens' if same else '[red]TOKENS DIFFER[/]'}")
+            output.print(f"{pair}: {'identical tokens' if same else '[red]TOKENS DIFFER[/]'}")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from lmkit.core.optim import OptimConfig
 from lmkit.core.trunk import ModelConfig

