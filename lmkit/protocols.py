@@ -103,7 +103,8 @@ class Objective(Protocol):
     Class attributes: ``name``, ``description``, ``special_tokens`` (names of extra ids such as
     ``"MASK"``), ``Options`` (a dataclass of the ``[objective]`` config section) and
     ``EvalOptions`` (a dataclass of ``lmkit eval`` options). The host instantiates it as
-    ``cls(options, tokens)``.
+    ``cls(options, tokens)``. Optional: ``exact_next_token = True`` declares that the model's
+    logits at position i are exactly p(token i+1 | tokens ≤ i), which lets its runs judge samples.
     """
 
     name: ClassVar[str]

@@ -316,12 +316,12 @@ def add_generation_columns(entries: list[Entry], *, num: int = 8, length: int | 
                            log: Callable[[str], None] | None = None) -> None:
     """Generative perplexity of each run's samples under the comparison's AR run (the judge),
     always with the samples' unigram entropy (gen-ppl alone rewards repetition)."""
-    from lmkit.core.generate import JUDGE_OBJECTIVES, add_generation_metrics
+    from lmkit.core.generate import add_generation_metrics, can_judge
 
-    judges = [e for e in entries if e.objective in JUDGE_OBJECTIVES]
+    judges = [e for e in entries if can_judge(e.objective)]
     if not judges:
-        raise LmkitError(f"--gen needs a judge in the comparison: one of "
-                         f"{', '.join(JUDGE_OBJECTIVES)}")
+        raise LmkitError("--gen needs a judge in the comparison: an AR run (an objective with "
+                         "exact next-token NLL, e.g. ar)")
     for e in entries:
         if log:
             log(f"sampling {e.objective} and scoring under the {judges[0].objective} judge…")

@@ -32,7 +32,12 @@ from lmkit.protocols import SampleContext, SampleResult
 
 DOC_SEPARATOR = "\n\n"  # how a BOS (document start) inside a sample is shown in its text
 DEFAULT_LENGTH = 128
-JUDGE_OBJECTIVES = ("ar",)  # objectives whose logits at i are p(token i+1 | tokens <= i)
+def can_judge(objective: str) -> bool:
+    """Objectives that declare ``exact_next_token = True``: their logits at i are exactly
+    p(token i+1 | tokens <= i), so they can score samples (core names no objective)."""
+    from lmkit.core.registry import get_objective
+
+    return bool(getattr(get_objective(objective).obj, "exact_next_token", False))
 
 
 # -- choosing a sampler ----------------------------------------------------------------------------
@@ -295,9 +300,9 @@ def check_judge(run_dir: str | Path, judge_run_dir: str | Path) -> None:
                          f"({runs.RUN_FILE} is missing); pass an AR run")
     meta = json.loads(meta_path.read_text())
     objective = meta.get("objective")
-    if objective not in JUDGE_OBJECTIVES or not meta["model"]["config"].get("causal", False):
+    if not can_judge(objective) or not meta["model"]["config"].get("causal", False):
         raise LmkitError(f"--judge {judge_dir} is a {objective!r} run; the judge must be an AR "
-                         f"run ({', '.join(JUDGE_OBJECTIVES)}) whose NLL is exact")
+                         f"run (an objective with exact next-token NLL)")
     ours, theirs = run_dir / runs.TOKENIZER_FILE, judge_dir / runs.TOKENIZER_FILE
     if not theirs.is_file() or sha256_file(theirs) != sha256_file(ours):
         raise LmkitError(f"--judge {judge_dir} was trained with another tokenizer than "

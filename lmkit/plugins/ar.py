@@ -41,6 +41,7 @@ class ARObjective:
     name = "ar"
     description = "causal next-token prediction (the parameter-golf baseline); exact NLL"
     special_tokens: tuple[str, ...] = ()
+    exact_next_token = True  # its NLL of a sequence is exact: it can judge other models' samples
     Options = AROptions
     EvalOptions = AREvalOptions
 
