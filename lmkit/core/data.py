@@ -729,7 +729,8 @@ def prepare_data(
                 for i, doc in enumerate(_nonempty(corpus))
                 if not is_val[i] and train_idx[i] % stride == 0
             )
-            log(f"training a {vocab_size}-piece BPE tokenizer (1 in {stride} train documents)")
+            which = "the train documents" if stride == 1 else f"every {stride}th train document"
+            log(f"training a {vocab_size}-piece BPE tokenizer on {which}")
             train_tokenizer(sample, tok_path, vocab_size)
         sp = load_tokenizer(tok_path)
         vocab, bos = int(sp.get_piece_size()), int(sp.bos_id())
