@@ -188,3 +188,20 @@ def test_bad_recipes_fail_before_any_work(ar_run):
                           ({"compression": "zstd"}, "--compression")):
         with pytest.raises(LmkitError, match=match):
             pack_run(ar_run, **kwargs, **EVAL)
+
+
+@pytest.mark.parametrize("objective", ["mdlm", "maskrecon"])
+def test_pack_int6_for_masked_objectives(tiny_data, tmp_path, objective):
+    """Quantization sees only the trunk; the round trip is re-scored by the run's objective."""
+    run_dir = tiny_run(tiny_data, tmp_path / objective, steps=4,
+                       extra=[f"objective={objective}"])
+    result = pack_run(run_dir, bits=6, calib_tokens=CALIB,
+                      eval_options={"samples": 2, "steps": "", "chain_k": 16}, **EVAL)
+    assert CONTRACT <= set(result)
+    assert result["artifact_bytes"] == os.path.getsize(result["artifact"]) <= 16_000_000
+    names = [m["name"] for m in result["metrics"]]
+    assert names == [m["name"] for m in result["metrics_before"]]
+    assert "nelbo_mc" in names and "chain_rule" in names
+    for before, after in zip(result["metrics_before"], result["metrics"], strict=True):
+        assert (before["tokens"], before["bytes"]) == (after["tokens"], after["bytes"])
+        assert abs(after["value"] - before["value"]) < 0.1

@@ -130,14 +130,13 @@ CURVE_POINTS = 8
 
 
 def ensure_curve(cfg: Any) -> None:
-    """Validate often enough for a curve (about CURVE_POINTS points) unless the user chose."""
+    """Validate often enough for a curve of about CURVE_POINTS points."""
     t = cfg.train
-    if t.val_every:
-        return
     _, _, tokens_per_step = batch_geometry(cfg)
     planned = t.steps or (t.tokens // tokens_per_step if t.tokens else 0)
     if planned:
-        t.val_every = max(1, planned // CURVE_POINTS)
+        every = max(1, planned // CURVE_POINTS)
+        t.val_every = min(t.val_every, every) if t.val_every else every
 
 
 def check_comparable(run_dirs: list[Path], force: bool) -> None:
