@@ -311,7 +311,8 @@ def _list_entries(kind: str, as_json: bool) -> None:
         emit_json(rows)
         return
     for row in rows:
-        output.print(f"[bold]{row['name']}[/]  {row['description']}  "
+        serves = f" (for {', '.join(row['objectives'])})" if "objectives" in row else ""
+        output.print(f"[bold]{row['name']}[/]{serves}  {row['description']}  "
                       f"[dim]({row['plugin']}, {row['distribution']} {row['version']})[/]")
 
 

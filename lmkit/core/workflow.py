@@ -84,6 +84,7 @@ def entry_listing(kind: str) -> list[dict[str, Any]]:
     registry = get_registry()
     return [
         {"name": e.name, "description": e.description, "plugin": e.plugin,
-         "distribution": e.distribution, "version": e.version}
+         "distribution": e.distribution, "version": e.version,
+         **({"objectives": list(e.obj.objectives)} if hasattr(e.obj, "objectives") else {})}
         for e in sorted(registry.entries[kind].values(), key=lambda e: e.name)
     ]
