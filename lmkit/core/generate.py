@@ -255,31 +255,21 @@ def sample_loaded(
     return samples
 
 
-def sample_run(
-    run_dir: str | Path,
-    sampler: str | None = None,
-    *,
-    num: int = 4,
-    length: int | None = None,
-    steps: int | None = None,
-    seed: int = 0,
-    prompt: str | None = None,
-    device: str = "auto",
-    **kwargs: Any,
-) -> list[dict[str, Any]]:
-    """Generate ``num`` samples of ``length`` tokens from a run's checkpoint.
+def sample_run(run_dir: str | Path, sampler: str | None = None, *, device: str = "auto",
+               **kwargs: Any) -> list[dict[str, Any]]:
+    """Generate samples from a run's checkpoint; ``kwargs`` are :func:`sample_loaded`'s.
 
-    ``sampler`` defaults to the first registered sampler serving the run's objective; ``steps``
-    (diffusion samplers) defaults to ``length``; the prompt is ``[BOS] + tokens(prompt)``. Per
-    sample: ``text`` (prompt included; a BOS shows as a blank line), ``prompt_ids``,
-    ``token_ids`` (the generated ids), ``nfe`` (model calls of its batch), ``seconds`` (its
-    batch's wall time divided by the batch size) and ``tokens_per_s``. Extra keyword arguments:
-    ``temperature``, ``top_k``, ``top_p``, ``options`` (the sampler's ``--opt``), ``precision``
-    (fp32 | bf16) and ``batch_size`` (default: all at once). Same arguments, same samples.
+    ``num`` samples of ``length`` tokens; ``sampler`` defaults to the first registered sampler
+    serving the run's objective; ``steps`` (diffusion samplers) defaults to ``length``; the
+    prompt is ``[BOS] + tokens(prompt)``. Per sample: ``text`` (prompt included; a BOS shows as
+    a blank line), ``prompt_ids``, ``token_ids`` (the generated ids), ``nfe`` (model calls of
+    its batch), ``seconds`` (its batch's wall time divided by the batch size) and
+    ``tokens_per_s``. Also: ``temperature``, ``top_k``, ``top_p``, ``options`` (the sampler's
+    ``--opt``), ``precision`` (fp32 | bf16), ``batch_size`` (default: all at once) and ``seed``.
+    Same arguments, same samples.
     """
     run = runs.load_run(run_dir, device=resolve_device(device))
-    return sample_loaded(run, sampler, num=num, length=length, steps=steps, seed=seed,
-                         prompt=prompt, **kwargs)
+    return sample_loaded(run, sampler, **kwargs)
 
 
 # -- generation metrics ----------------------------------------------------------------------------
