@@ -6,7 +6,9 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from lmkit.cli.pack import bench_pack_command, pack_command
@@ -14,6 +16,7 @@ from lmkit.core import pack as pack_mod
 from lmkit.core import quant, runs
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_data
+from lmkit.core.evaluate import evaluate_loaded
 from lmkit.core.pack import evaluate_artifact, pack_run
 from lmkit.core.train import train
 from lmkit.errors import LmkitError
@@ -153,20 +156,68 @@ def test_pack_cli_json(ar_run, tmp_path):
 
 
 def test_bench_pack_cli_json(ar_run):
+    files = sorted(ar_run.iterdir())
     res = CliRunner().invoke(bench_pack_command, [str(ar_run), "--max-tokens", "512",
+                                                  "--blocks", "4", "--bits", "6,4",
                                                   "--calib-tokens", "1024", "--device", "cpu",
                                                   "--json"])
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
+    assert r["precision"] == "fp32" and r["blocks"] == 4 and r["bits"] == [6, 4]
     (entry,) = r["runs"]
-    assert [row["recipe"] for row in entry["rows"]] == ["int8/zlib", "int6 rtn/lzma",
-                                                        "int6 gptq/lzma"]
-    assert entry["metric"] == "nll" and "gptq_beats_rtn" in entry
-    int8, rtn6, gptq6 = (row["artifact_bytes"] for row in entry["rows"])
-    assert rtn6 < int8 and gptq6 < int8  # tiny model: int8 keeps its small tensors in fp16
+    assert [row["recipe"] for row in entry["rows"]] == [
+        "int8/zlib", "int6 rtn/lzma", "int6 gptq/lzma", "int4 rtn/lzma", "int4 gptq/lzma"]
+    assert entry["metric"] == "nll" and entry["targets"] == 512
+    int8, rtn6, gptq6, rtn4, gptq4 = (row for row in entry["rows"])
+    assert rtn6["artifact_bytes"] < int8["artifact_bytes"]  # tiny: int8 keeps fp16 small tensors
+    assert rtn4["artifact_bytes"] < rtn6["artifact_bytes"]
     for row in entry["rows"]:
         assert row["penalty"] == pytest.approx(row["after"] - entry["before"])
-    assert not list(ar_run.glob("artifact.*.tmp"))
+        assert row["penalty_stderr"] > 0
+    by_bits = {c["bits"]: c for c in entry["gptq_vs_rtn"]}
+    assert by_bits[4]["gptq_minus_rtn"] == pytest.approx(gptq4["after"] - rtn4["after"])
+    assert by_bits[6]["resolved"] == (abs(by_bits[6]["gptq_minus_rtn"]) > 2 * by_bits[6]["stderr"])
+    assert sorted(ar_run.iterdir()) == files  # the bench leaves the run untouched
+    bad = CliRunner().invoke(bench_pack_command, [str(ar_run), "--bits", "6,9"])
+    assert bad.exit_code == 2 and "2..8" in bad.output
+
+
+def test_blocks_score_each_target_once(ar_run):
+    """Blocks tile the prefix: their bits add up to one pass over the same targets."""
+    run = runs.load_run(ar_run, "cpu")
+    blocks = pack_mod.val_blocks(run, 4, 1000)
+    seq = run.config.train.seq_len
+    assert all(b.numel() - 1 == 1000 // 4 // seq * seq for b in blocks)
+    stream = pack_mod.load_val_tokens(open_data(run.meta["data"]["dir"]), None)
+    assert torch.equal(torch.cat([blocks[0][:1], *(b[1:] for b in blocks)]),
+                       stream[:sum(b.numel() - 1 for b in blocks) + 1])
+    _, bits, nbytes = pack_mod.block_bits(run, run.model, blocks, dtype="fp32")
+    whole = evaluate_loaded(run, val_tokens=stream[:len(blocks) * (blocks[0].numel() - 1) + 1],
+                            purpose="validation", dtype="fp32")["metrics"][0]
+    assert nbytes.sum() == whole["bytes"]
+    assert bits.sum() / nbytes.sum() == pytest.approx(whole["value"], rel=1e-6)
+    with pytest.raises(LmkitError, match="--blocks"):
+        pack_mod.val_blocks(run, 1, 1000)
+    with pytest.raises(LmkitError, match="raise --max-tokens"):
+        pack_mod.val_blocks(run, 64, 1000)
+
+
+def test_paired_difference_is_the_ratio_estimator():
+    rng = np.random.default_rng(0)
+    nbytes = rng.integers(900, 1100, size=6).astype(float)
+    before = rng.normal(2.0, 0.1, size=6) * nbytes
+    after = before + rng.normal(0.01, 0.002, size=6) * nbytes
+    diff, se = pack_mod.paired_difference(after, before, nbytes)
+    assert diff == pytest.approx((after - before).sum() / nbytes.sum())
+    # Equal blocks: the ratio estimator is the mean of per-block differences, stderr sd/sqrt(n).
+    same = np.full(6, 1000.0)
+    per_block = rng.normal(0.01, 0.002, size=6)
+    diff, se = pack_mod.paired_difference(per_block * same, np.zeros(6), same)
+    assert diff == pytest.approx(per_block.mean())
+    assert se == pytest.approx(per_block.std(ddof=1) / np.sqrt(6))
+    # A constant shift is paired away: identical per-block penalties have no spread.
+    _, se = pack_mod.paired_difference(before + 0.01 * nbytes, before, nbytes)
+    assert se == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.slow  # ~2 s on an idle machine; a minute when the CPU is shared

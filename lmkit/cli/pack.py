@@ -89,34 +89,66 @@ def pack_command(run_dir, bits, method, cap_bytes, compression, calib_tokens, ma
                   f"{result['pruned_values']:,} ±1 values pruned)")
 
 
+def _bit_widths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: expected comma-separated integers, e.g. 6,5,4") from None
+    if not widths or any(not 2 <= b <= 8 for b in widths):
+        raise click.BadParameter(f"{value!r}: each width must be in 2..8")
+    return widths
+
+
 @click.command("pack")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--max-tokens", type=int, help="Validation targets scored per model.")
+@click.option("--bits", default="6", show_default=True, callback=_bit_widths,
+              help="Widths at which to compare rtn and gptq, e.g. 6,5,4 (int8/zlib always runs).")
+@click.option("--max-tokens", type=int,
+              help="Validation targets scored per model [default: the whole validation set].")
+@click.option("--blocks", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Disjoint validation blocks; the spread of paired differences across them "
+                   "gives each penalty's stderr.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Evaluation precision (bf16 rounding moves a score by ~5e-5 bpb).")
 @click.option("--calib-tokens", type=click.IntRange(min=1), default=DEFAULT_CALIB_TOKENS,
               show_default=True, help="Training tokens for GPTQ's Hessians.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_pack_command(run_dirs, max_tokens, calib_tokens, device, as_json) -> None:
-    """Round-trip penalty and artifact bytes: int8/zlib, int6 rtn/lzma, int6 gptq/lzma.
+def bench_pack_command(run_dirs, bits, max_tokens, blocks, dtype, calib_tokens, device,
+                       as_json) -> None:
+    """Round-trip penalty and artifact bytes: int8/zlib, then rtn and gptq (LZMA) per width.
 
-    All recipes run in one process on the same validation prefix; no pruning, so the bytes are
-    each recipe's own. Artifacts go to a temporary directory.
+    Each run is scored with its validation metric (nll for ar, nelbo_mc for masked objectives)
+    before and after each round trip, on the same blocks with the same seeds, so penalties and
+    the gptq − rtn difference are paired; their ± is the stderr across blocks. A difference
+    within twice its stderr is not resolved. No pruning (the bytes are each recipe's own);
+    artifacts go to a temporary directory.
     """
     from lmkit.core.pack import bench_pack
 
-    result = bench_pack(list(run_dirs), device=device, max_tokens=max_tokens,
-                        calib_tokens=calib_tokens, log=None if as_json else console.print)
+    result = bench_pack(list(run_dirs), device=device, max_tokens=max_tokens, bits=bits,
+                        blocks=blocks, dtype=dtype, calib_tokens=calib_tokens,
+                        log=None if as_json else console.print)
     if as_json:
         _emit_json(result)
         return
     from rich.table import Table
 
-    table = Table(title=f"lmkit bench pack · {result['device']}")
+    table = Table(title=f"lmkit bench pack · {result['device']} · {result['precision']}")
     for col in ("run", "objective", "recipe", "bytes", "before", "after", "penalty"):
         table.add_column(col, justify="left" if col in ("run", "objective", "recipe") else "right")
     for entry in result["runs"]:
         for row in entry["rows"]:
             table.add_row(Path(entry["run"]).name, entry["objective"], row["recipe"],
                           f"{row['artifact_bytes']:,}", f"{entry['before']:.4f}",
-                          f"{row['after']:.4f}", f"{row['penalty']:+.4f}")
+                          f"{row['after']:.4f}",
+                          f"{row['penalty']:+.5f} ± {row['penalty_stderr']:.5f}")
     output.print(table)
+    for entry in result["runs"]:
+        for c in entry["gptq_vs_rtn"]:
+            verdict = ("gptq better" if c["gptq_beats_rtn"] else "rtn better") if c["resolved"] \
+                else "not resolved"
+            output.print(f"{Path(entry['run']).name} · int{c['bits']}: gptq − rtn = "
+                         f"{c['gptq_minus_rtn']:+.5f} ± {c['stderr']:.5f} {entry['unit']} "
+                         f"({verdict}; {entry['targets']:,} targets in {result['blocks']} blocks)")

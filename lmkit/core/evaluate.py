@@ -22,6 +22,7 @@ def make_eval_context(
     model: torch.nn.Module,
     *,
     max_tokens: int | None = None,
+    val_tokens: torch.Tensor | None = None,
     options: dict[str, Any] | None = None,
     data_dir: str | Path | None = None,
     dtype: str | None = None,
@@ -30,7 +31,11 @@ def make_eval_context(
     progress: Any = None,
     purpose: str = "eval",
 ) -> tuple[EvalContext, DataSource]:
-    """The EvalContext ``lmkit eval`` gives the run's objective (also used by tests and tools)."""
+    """The EvalContext ``lmkit eval`` gives the run's objective (also used by tests and tools).
+
+    ``val_tokens`` (a slice of the validation stream) replaces the ``max_tokens`` prefix: benchmarks
+    score disjoint blocks to measure how a difference varies across the text.
+    """
     dev = next(model.parameters()).device
     cfg = run.config
     # The run's own tokenizer copy: open_data refuses shards whose manifest names another one.
@@ -39,7 +44,8 @@ def make_eval_context(
     eval_options = config_mod.build_options(run.objective.EvalOptions, options or {}, "eval")
     lut = ByteLUT.from_sentencepiece(run.tokenizer_path, size=run.model.padded_vocab).to(dev)
     ctx = EvalContext(
-        val_tokens=load_val_tokens(data, max_tokens), seq_len=cfg.train.seq_len,
+        val_tokens=load_val_tokens(data, max_tokens) if val_tokens is None else val_tokens,
+        seq_len=cfg.train.seq_len,
         batch_size=batch_size or max(1, cfg.train.batch_tokens // cfg.train.seq_len),
         device=dev, autocast=autocast(dev, precision), lut=lut, tokens=run.tokens,
         seed=cfg.train.seed if seed is None else seed, purpose=purpose, options=eval_options,
