@@ -135,20 +135,19 @@ def bench_pack_command(run_dirs, bits, max_tokens, blocks, dtype, calib_tokens, 
         return
     from rich.table import Table
 
-    table = Table(title=f"lmkit bench pack · {result['device']} · {result['precision']}")
-    for col in ("run", "objective", "recipe", "bytes", "before", "after", "penalty"):
-        table.add_column(col, justify="left" if col in ("run", "objective", "recipe") else "right")
     for entry in result["runs"]:
+        table = Table(title=f"{Path(entry['run']).name} · {entry['objective']} · "
+                            f"{entry['metric']} {entry['before']:.4f} {entry['unit']} before · "
+                            f"{result['precision']}")
+        for col in ("recipe", "bytes", "after", "penalty ± stderr"):
+            table.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True)
         for row in entry["rows"]:
-            table.add_row(Path(entry["run"]).name, entry["objective"], row["recipe"],
-                          f"{row['artifact_bytes']:,}", f"{entry['before']:.4f}",
-                          f"{row['after']:.4f}",
+            table.add_row(row["recipe"], f"{row['artifact_bytes']:,}", f"{row['after']:.4f}",
                           f"{row['penalty']:+.5f} ± {row['penalty_stderr']:.5f}")
-    output.print(table)
-    for entry in result["runs"]:
+        output.print(table)
         for c in entry["gptq_vs_rtn"]:
             verdict = ("gptq better" if c["gptq_beats_rtn"] else "rtn better") if c["resolved"] \
                 else "not resolved"
-            output.print(f"{Path(entry['run']).name} · int{c['bits']}: gptq − rtn = "
-                         f"{c['gptq_minus_rtn']:+.5f} ± {c['stderr']:.5f} {entry['unit']} "
-                         f"({verdict}; {entry['targets']:,} targets in {result['blocks']} blocks)")
+            output.print(f"int{c['bits']}: gptq − rtn = {c['gptq_minus_rtn']:+.5f} ± "
+                         f"{c['stderr']:.5f} {entry['unit']} ({verdict}; "
+                         f"{entry['targets']:,} targets in {result['blocks']} blocks)")
