@@ -77,6 +77,11 @@ def test_train_then_eval_json(data_copy, tmp_path, capsys):
     result = json.loads(out)
     assert [m["name"] for m in result["metrics"]] == ["nll", "nll_sliding"]
     assert result["metrics"][1]["tokens"] == 500
+    other = {"fp32": "bf16", "bf16": "fp32"}[result["precision"]]  # default: the run's dtype
+    code, out, err = run_cli(["eval", str(run), "--json", "--max-tokens", "500", "--dtype", other],
+                             capsys)
+    assert code == 0, err
+    assert json.loads(out)["precision"] == other
 
 
 def test_unknown_objective(data_copy, tmp_path, capsys):

@@ -146,10 +146,11 @@ def test_calibration_reads_training_shards_only(ar_run, monkeypatch):
 
 def test_pack_cli_json(ar_run, tmp_path):
     res = CliRunner().invoke(pack_command, [str(ar_run), "--bits", "8", "--max-tokens", "512",
-                                            "--device", "cpu", "--json"])
+                                            "--device", "cpu", "--dtype", "bf16", "--json"])
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     assert CONTRACT <= set(r) and r["bits"] == 8 and r["compression"] == "zlib"
+    assert r["precision"] == "bf16"  # the tiny run trained in fp32
     assert r["artifact_bytes"] == os.path.getsize(r["artifact"])
     res = CliRunner().invoke(pack_command, [str(tmp_path / "missing"), "--json"])
     assert isinstance(res.exception, LmkitError)  # main() turns it into one line

@@ -155,6 +155,8 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
 @click.option("--data", "data_dir", type=click.Path(path_type=Path),
               help="Validation data, if it moved since training.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Evaluation precision [default: the run's train.dtype].")
 @click.option("--batch-size", type=int, help="Windows per forward pass.")
 @click.option("--seed", type=int, help="Seed of the Monte-Carlo estimators [default: the run's].")
 @click.option("--gen", is_flag=True,
@@ -171,7 +173,7 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
               help="For --gen: denoising steps T of diffusion samplers [default: --length].")
 @click.option("--details", is_flag=True, help="Show every detail of each metric in the table.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (see docs).")
-def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, seed, gen,
+def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_size, seed, gen,
              judge_dir, sampler, num, length, steps, details, as_json) -> None:
     """Score a run's checkpoint (or a packed ARTIFACT file) on validation data in bits per byte.
 
@@ -193,7 +195,7 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, batch_size, se
 
         check_judge(run_dir, judge_dir)  # fail before a long evaluation
     kwargs = dict(max_tokens=max_tokens, options=options, seed=seed, data_dir=data_dir,
-                  device=device, batch_size=batch_size)
+                  device=device, dtype=dtype, batch_size=batch_size)
     with console.status("evaluating…", spinner="dots") if not as_json else nullcontext():
         if Path(run_dir).is_file():  # a packed artifact: score its dequantized round trip
             from lmkit.core.pack import evaluate_artifact

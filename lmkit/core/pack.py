@@ -179,6 +179,7 @@ def pack_run(
     eval_options: dict[str, Any] | None = None,
     data_dir: str | Path | None = None,
     batch_size: int | None = None,
+    dtype: str | None = None,
     small_max: int = KEEP_FLOAT_MAX_NUMEL,
     out: str | Path | None = None,
     log: Log = None,
@@ -199,7 +200,7 @@ def pack_run(
     run = runs.load_run(run_dir, resolve_device(device))
     path = Path(out) if out else run.path / artifact_name(bits, method, compression)
     eval_kwargs = {"max_tokens": max_tokens, "options": eval_options, "data_dir": data_dir,
-                   "batch_size": batch_size}
+                   "batch_size": batch_size, "dtype": dtype}
     # Quantize first: a cap that cannot be met fails before minutes of evaluation.
     facts = quantize_and_write(run, path, bits=bits, method=method, compression=compression,
                                cap_bytes=cap_bytes, calib_tokens=calib_tokens, data_dir=data_dir,
