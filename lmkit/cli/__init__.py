@@ -13,6 +13,7 @@ import click
 
 from lmkit import __version__
 from lmkit.cli.display import TrainDisplay, console, metrics_table, output
+from lmkit.cli.options import objective_options, scoring_options
 from lmkit.errors import LmkitError
 
 
@@ -146,18 +147,7 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
 # -- eval --------------------------------------------------------------------------------------
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--max-tokens", type=int,
-              help="Score only this many targets: a deterministic prefix of the validation stream.")
-@click.option("--stride", type=int,
-              help="AR: also score sliding windows with this stride (e.g. 64).")
-@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
-              help="An evaluation option of the run's objective (repeatable).")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path),
-              help="Validation data, if it moved since training.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]),
-              help="Evaluation precision [default: the run's train.dtype].")
-@click.option("--batch-size", type=int, help="Windows per forward pass.")
+@scoring_options
 @click.option("--seed", type=int, help="Seed of the Monte-Carlo estimators [default: the run's].")
 @click.option("--gen", is_flag=True,
               help="Also generation metrics (kind score): gen_ppl of samples under --judge, with "
@@ -181,12 +171,9 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_s
     the standard error of its estimate) or `score` (neither). Bytes are counted with the
     tokenizer's exact LUT over exactly the scored tokens.
     """
-    from lmkit.core.config import parse_set
     from lmkit.core.evaluate import evaluate_run
 
-    options = dict(parse_set(o) for o in opts)
-    if stride is not None:
-        options["stride"] = stride
+    options = objective_options(opts, stride)
     if gen:
         if judge_dir is None:
             raise LmkitError("--gen needs --judge AR_RUN: an AR run trained with the same "

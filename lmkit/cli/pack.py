@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from lmkit.cli.display import console, metric_cell, output
+from lmkit.cli.options import objective_options, scoring_options
 
 # Mirrors of lmkit.core.quant.DEFAULT_CAP_BYTES and lmkit.core.pack.DEFAULT_CALIB_TOKENS, kept here
 # so `lmkit --help` does not import torch (a test checks they agree).
@@ -18,15 +19,6 @@ DEFAULT_CALIB_TOKENS = 65_536
 
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
-
-
-def _eval_options(opts: tuple[str, ...], stride: int | None) -> dict[str, Any]:
-    from lmkit.core.config import parse_set
-
-    options: dict[str, Any] = dict(parse_set(o) for o in opts)
-    if stride is not None:
-        options["stride"] = stride
-    return options
 
 
 @click.command("pack")
@@ -45,18 +37,7 @@ def _eval_options(opts: tuple[str, ...], stride: int | None) -> dict[str, Any]:
 @click.option("--calib-tokens", type=click.IntRange(min=1), default=DEFAULT_CALIB_TOKENS,
               show_default=True,
               help="Training tokens for GPTQ's Hessians (training shards, never validation).")
-@click.option("--max-tokens", type=int,
-              help="Score only this many validation targets, before and after.")
-@click.option("--stride", type=int, help="AR: also score sliding windows with this stride.")
-@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
-              help="An evaluation option of the run's objective (repeatable).")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path),
-              help="Data directory, if it moved since training.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]),
-              help="Scoring precision [default: the run's train.dtype]; bf16 rounding moves a "
-                   "score by ~5e-5 bpb.")
-@click.option("--batch-size", type=int, help="Windows per forward pass when scoring.")
+@scoring_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def pack_command(run_dir, bits, method, cap_bytes, compression, calib_tokens, max_tokens, stride,
                  opts, data_dir, device, dtype, batch_size, as_json) -> None:
@@ -70,7 +51,7 @@ def pack_command(run_dir, bits, method, cap_bytes, compression, calib_tokens, ma
 
     result = pack_run(run_dir, bits=int(bits), method=method, cap_bytes=cap_bytes,
                       compression=compression, device=device, calib_tokens=calib_tokens,
-                      max_tokens=max_tokens, eval_options=_eval_options(opts, stride),
+                      max_tokens=max_tokens, eval_options=objective_options(opts, stride),
                       data_dir=data_dir, batch_size=batch_size, dtype=dtype,
                       log=None if as_json else console.print)
     if as_json:
