@@ -104,7 +104,10 @@ class Objective(Protocol):
     ``"MASK"``), ``Options`` (a dataclass of the ``[objective]`` config section) and
     ``EvalOptions`` (a dataclass of ``lmkit eval`` options). The host instantiates it as
     ``cls(options, tokens)``. Optional: ``exact_next_token = True`` declares that the model's
-    logits at position i are exactly p(token i+1 | tokens ≤ i), which lets its runs judge samples.
+    logits at position i are exactly p(token i+1 | tokens ≤ i), which lets its runs judge samples
+    (the ``next_token`` capability); ``capabilities`` names what else samplers may rely on:
+    ``"masked"`` means the instance exposes a :class:`~lmkit.core.masking.MaskedSpec` as
+    ``spec`` (absorbing MASK process, SUBS model), which the masked samplers need.
     """
 
     name: ClassVar[str]
@@ -179,15 +182,17 @@ class SampleResult:
 class Sampler(Protocol):
     """A way to generate text from a trained model, registered through ``register_samplers``.
 
-    Class attributes: ``name``, ``description``, ``objectives`` (the objective names it serves,
-    ``("*",)`` for any) and optionally ``Options`` (a dataclass of ``--opt`` settings). The host
-    instantiates it with no arguments and calls ``sample`` under ``torch.no_grad()`` with the
-    model in eval mode.
+    Class attributes: ``name``, ``description``, and what it serves: ``requires`` (capabilities
+    an objective must declare, e.g. ``("masked",)``: any objective with them is served, built-in
+    or not) or ``objectives`` (objective names, ``("*",)`` for any). Optional: ``Options`` (a
+    dataclass of ``--opt`` settings), ``bench_variants`` (label -> options that change speed but
+    not tokens, benchmarked and checked by ``lmkit bench sample``) and ``same_tokens_as`` (the
+    name of a sampler it must equal token for token). The host instantiates it with no arguments
+    and calls ``sample`` under ``torch.no_grad()`` with the model in eval mode.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
-    objectives: ClassVar[tuple[str, ...]]
 
     def sample(self, model: Transformer, ctx: SampleContext) -> SampleResult:
         """Generate ``ctx.num`` sequences of ``ctx.length`` tokens after ``ctx.prompt``."""

@@ -31,11 +31,13 @@ import torch
 
 from lmkit.core import config as config_mod
 from lmkit.core.bpb import METRIC_KINDS, ByteLUT, Metric
-from lmkit.core.data import ListCorpus, RotatingLoader, load_val_tokens, open_data, prepare_data
-from lmkit.core.evaluate import evaluate_run, make_eval_context
+from lmkit.core.build import CallCounter, Setup, build
+from lmkit.core.data import ListCorpus, load_val_tokens, open_data, prepare_data
+from lmkit.core.evaluate import evaluate_run, make_eval_context, run_evaluation
+from lmkit.core.generate import served_by
 from lmkit.core.registry import get_registry
 from lmkit.core.runs import load_run
-from lmkit.core.train import Setup, batch_geometry, build, run_evaluation, train
+from lmkit.core.train import train
 from lmkit.core.trunk import ModelConfig
 from lmkit.protocols import Batch, EvalContext, LossOutput, Objective, SampleContext
 
@@ -52,7 +54,7 @@ __all__ = [
 
 # Small enough for seconds on a CPU, large enough for every built-in estimator (>= 2 windows).
 SETTINGS = (
-    "train.seq_len=32", "model.seq_len=32", "train.batch_tokens=256", "train.log_every=1",
+    "train.seq_len=32", "train.batch_tokens=256", "train.log_every=1",
     "train.val_tokens=512", "train.dtype=fp32", "train.device=cpu", "train.warmup_steps=0",
 )
 TRAIN_STEPS = 3
@@ -134,9 +136,7 @@ class ObjectiveHarness:
 
     def batch(self, rows: int = 3, step: int = 0) -> Batch:
         """``rows`` training windows of ``seq_len + 1`` tokens, as the training loop makes them."""
-        loader = RotatingLoader(self.data.train_shards, batch_size=rows, seq_len=self.seq_len,
-                                seed=self.cfg.train.seed, vocab_size=self.data.vocab_size)
-        return Batch(tokens=loader.next_batch(), step=step)
+        return Batch(tokens=self.setup.loader(rows).next_batch(), step=step)
 
     def loss(self, rows: int = 3, seed: int = 0) -> LossOutput:
         torch.manual_seed(seed)
@@ -145,13 +145,8 @@ class ObjectiveHarness:
 
     def context(self, purpose: str = "eval", *, lut: ByteLUT | None = None,
                 seed: int | None = None) -> EvalContext:
-        options = config_mod.build_options(self.objective.EvalOptions, {}, "eval")
-        return EvalContext(
-            val_tokens=self.val_tokens.clone(), seq_len=self.seq_len, batch_size=EVAL_BATCH,
-            device=self.setup.device, autocast=self.setup.autocast, lut=lut or self.setup.lut,
-            tokens=self.tokens, seed=self.cfg.train.seed if seed is None else seed,
-            purpose=purpose, options=options, precision=self.setup.dtype,
-        )
+        return self.setup.eval_context(self.val_tokens.clone(), purpose=purpose,
+                                       batch_size=EVAL_BATCH, seed=seed, lut=lut)
 
     def evaluate(self, purpose: str = "eval", **kwargs: Any) -> list[Metric]:
         return run_evaluation(self.model, self.objective, self.context(purpose, **kwargs))
@@ -369,9 +364,7 @@ def check_checkpoint(h: ObjectiveHarness) -> None:
     run = load_run(run_dir)
     expect(type(run.objective) is type(h.objective),
            f"load_run rebuilt {type(run.objective).__name__}, not {type(h.objective).__name__}")
-    micro = batch_geometry(run.config)[0]
-    ctx, _ = make_eval_context(run, run.model, max_tokens=run.config.train.val_tokens,
-                               batch_size=micro, purpose="validation")
+    ctx = make_eval_context(run, max_tokens=run.config.train.val_tokens, purpose="validation")
     again = run_evaluation(run.model, run.objective, ctx)
     saved = [Metric.from_dict(d) for d in summary["val"]]
     expect([m.name for m in again] == [m.name for m in saved],
@@ -423,15 +416,10 @@ def _sample(sampler_cls: type, h: ObjectiveHarness, seed: int, length: int = 12,
         steps=steps, context=h.seq_len, generator=torch.Generator().manual_seed(seed),
         device=h.setup.device, autocast=h.setup.autocast, options=options,
     )
-    calls = [0]
-    hook = h.model.embed.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     h.model.eval()
-    try:
-        with torch.no_grad():
-            result = sampler_cls().sample(h.model, ctx)
-    finally:
-        hook.remove()
-    return result, prompt, calls[0]
+    with CallCounter(h.model) as counter, torch.no_grad():
+        result = sampler_cls().sample(h.model, ctx)
+    return result, prompt, counter.calls
 
 
 @_sampler_check
@@ -511,11 +499,8 @@ class Contract:
 
 
 def sampler_objectives(name: str) -> list[str]:
-    """The registered objectives sampler ``name`` serves (``"*"``: all of them)."""
-    registry = get_registry()
-    served = tuple(registry.get("sampler", name).obj.objectives)
-    known = sorted(registry.entries["objective"])
-    return known if "*" in served else [o for o in served if o in known]
+    """The registered objectives sampler ``name`` serves (by capability or by name)."""
+    return served_by(get_registry().get("sampler", name))
 
 
 def objective_contract(name: str, data_dir: str | Path, tmp_dir: str | Path,

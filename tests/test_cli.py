@@ -16,7 +16,7 @@ from lmkit.cli import main
 from lmkit.core.data import write_shard
 
 FIXTURE_MODEL = Path(__file__).resolve().parents[2] / "shared/fixtures/fineweb_1024_bpe.model"
-FAST = ["--set", "train.seq_len=32", "--set", "model.seq_len=32", "--set",
+FAST = ["--set", "train.seq_len=32", "--set",
         "train.batch_tokens=256", "--set", "train.val_tokens=512", "--set", "train.dtype=fp32"]
 
 

@@ -13,7 +13,7 @@ from lmkit.core.registry import Registry
 from lmkit.core.runs import read_metrics
 from tests.test_registry import make_objective, plugin_module
 
-FAST = ["--set", "train.seq_len=32", "--set", "model.seq_len=32", "--set",
+FAST = ["--set", "train.seq_len=32", "--set",
         "train.batch_tokens=256", "--set", "train.val_tokens=512", "--set", "train.dtype=fp32"]
 
 

@@ -28,11 +28,11 @@ from lmkit.core.data import (
     open_data,
     prepare_data,
     read_shard_header,
-    sha256_file,
     train_tokenizer,
     trainer_sentences,
     write_shard,
 )
+from lmkit.core.tokenizer import sha256_file
 from lmkit.errors import LmkitError
 from lmkit.plugins import corpora
 from lmkit.plugins.corpora import SotuCorpus

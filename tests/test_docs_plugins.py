@@ -79,7 +79,7 @@ def test_tutorial_plugin_registers_trains_and_evaluates(registered, tiny_data, t
     assert registered.get("sampler", "min_p").obj.objectives == ("ar",)
     cfg = resolve_config(preset="tiny", flags={"objective": "r2l", "train.steps": 3,
                                                "data.path": str(tiny_data)},
-                         sets=["train.seq_len=32", "model.seq_len=32", "train.batch_tokens=256",
+                         sets=["train.seq_len=32", "train.batch_tokens=256",
                                "train.val_tokens=512", "train.dtype=fp32"])
     summary = train(cfg, open_data(tiny_data), tmp_path / "run")
     assert summary["steps"] == 3 and summary["val"][0]["name"] == "nll_r2l"

@@ -30,7 +30,7 @@ from lmkit.core.train import train
 from lmkit.core.trunk import ModelConfig, Transformer, count_params
 from lmkit.protocols import Batch, TokenSpec
 
-FAST = ["train.seq_len=32", "model.seq_len=32", "train.batch_tokens=512", "train.log_every=10",
+FAST = ["train.seq_len=32", "train.batch_tokens=512", "train.log_every=10",
         "train.val_tokens=1024", "train.dtype=fp32", "optim.lr=0.01"]
 EVAL = {"max_tokens": 2048, "batch_size": 64}
 
@@ -140,7 +140,7 @@ def train_synthetic(objective_name: str, steps: int = 150):
     obj = cls(cls.Options(), tokens)
     torch.manual_seed(0)
     cfg = obj.configure_model(ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=4,
-                                          cond_dim=32, seq_len=SEQ))
+                                          cond_dim=32))
     model = Transformer(cfg, V, 2)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
@@ -332,7 +332,7 @@ def test_mdlm_loss_is_the_per_token_nelbo_estimate():
               TokenSpec(vocab_size=64, bos_id=1, special={"MASK": 64, "PAD": 65}))
     torch.manual_seed(0)
     model = Transformer(obj.configure_model(ModelConfig(n_layer=1, d_model=32, n_head=2,
-                                                        n_kv_head=2, seq_len=256)), 64, 2)
+                                                        n_kv_head=2)), 64, 2)
     with torch.no_grad():
         model.embed.weight.zero_()  # tied head: all logits 0, a uniform predictor
         losses = [float(obj.loss(model, Batch(torch.randint(2, 64, (16, 257)), 0)).loss)

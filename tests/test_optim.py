@@ -19,7 +19,7 @@ from lmkit.core.optim import (
 from lmkit.core.trunk import ModelConfig, Transformer
 from lmkit.errors import LmkitError
 
-TINY = ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, cond_dim=16, seq_len=32)
+TINY = ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, cond_dim=16)
 VOCAB = 64
 
 

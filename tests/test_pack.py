@@ -12,16 +12,17 @@ import torch
 from click.testing import CliRunner
 
 from lmkit.cli.pack import bench_pack_command, pack_command
+from lmkit.core import artifact, build, capfit, quant, runs
 from lmkit.core import pack as pack_mod
-from lmkit.core import quant, runs
+from lmkit.core.bench import pack as bench_pack
 from lmkit.core.config import resolve_config
-from lmkit.core.data import open_data
-from lmkit.core.evaluate import evaluate_loaded
-from lmkit.core.pack import evaluate_artifact, pack_run
+from lmkit.core.data import load_val_tokens, open_data
+from lmkit.core.evaluate import evaluate_artifact, evaluate_loaded
+from lmkit.core.pack import pack_run
 from lmkit.core.train import train
 from lmkit.errors import LmkitError
 
-FAST = ["train.seq_len=32", "model.seq_len=32", "train.batch_tokens=256", "train.log_every=4",
+FAST = ["train.seq_len=32", "train.batch_tokens=256", "train.log_every=4",
         "train.val_tokens=256", "train.dtype=fp32"]
 EVAL = {"max_tokens": 1024, "device": "cpu"}
 CALIB = 2048
@@ -75,7 +76,7 @@ def test_pack_int8_baseline_round_trip(ar_run, tmp_path):
     assert r["tensors"]["int8-baseline"] == 13 and r["calibration"] is None
     assert r["artifact_bytes"] == os.path.getsize(tmp_path / "a8")
     assert abs(r["penalty"][0]["delta"]) < 0.05
-    manifest, stored = quant.read_artifact(tmp_path / "a8")
+    manifest, stored = artifact.read_artifact(tmp_path / "a8")
     assert manifest["run"] == str(ar_run.resolve()) and manifest["bits"] == 8
     assert all(int(t.data.to(int).abs().max()) <= 127 for t in stored if t.scheme == "int")
 
@@ -84,9 +85,9 @@ def test_pack_prunes_to_a_reachable_cap(ar_run, tmp_path):
     run = runs.load_run(ar_run)
     tensors = quant.quantize_model(run.model, bits=6, method="rtn")
     meta = pack_mod.artifact_meta(run, 6, "rtn", "lzma")
-    unpruned = len(quant.fit_to_cap(tensors, meta, "lzma", None).data)
-    cands = quant.prune_candidates(tensors)
-    floor = len(quant.fit_to_cap(quant.apply_pruning(tensors, cands, len(cands)), meta, "lzma",
+    unpruned = len(capfit.fit_to_cap(tensors, meta, "lzma", None).data)
+    cands = capfit.prune_candidates(tensors)
+    floor = len(capfit.fit_to_cap(capfit.apply_pruning(tensors, cands, len(cands)), meta, "lzma",
                                  None).data)
     cap = (unpruned + floor) // 2
     r = pack_run(ar_run, bits=6, method="rtn", cap_bytes=cap, out=tmp_path / "a", **EVAL)
@@ -119,10 +120,10 @@ def test_evaluate_artifact_matches_the_pack(ar_run, packed6, tmp_path):
 
 def test_evaluate_artifact_needs_its_run(ar_run, packed6, tmp_path):
     lonely = tmp_path / "lonely.bin"
-    data = quant.decode_artifact(open(packed6["artifact"], "rb").read(), "a")
-    manifest, tensors = quant.deserialize(data, "a")
+    data = artifact.decode_artifact(open(packed6["artifact"], "rb").read(), "a")
+    manifest, tensors = artifact.deserialize(data, "a")
     manifest["run"] = str(tmp_path / "gone")
-    lonely.write_bytes(quant.encode_artifact(quant.serialize(tensors, manifest), "lzma"))
+    lonely.write_bytes(artifact.encode_artifact(artifact.serialize(tensors, manifest), "lzma"))
     with pytest.raises(LmkitError, match="cannot find its run directory"):
         evaluate_artifact(lonely, **EVAL)
 
@@ -130,12 +131,12 @@ def test_evaluate_artifact_needs_its_run(ar_run, packed6, tmp_path):
 def test_calibration_reads_training_shards_only(ar_run, monkeypatch):
     seen = []
 
-    class Spy(pack_mod.RotatingLoader):
+    class Spy(build.RotatingLoader):
         def __init__(self, shards, **kwargs):
             seen.extend(p.name for p in shards)
             super().__init__(shards, **kwargs)
 
-    monkeypatch.setattr(pack_mod, "RotatingLoader", Spy)
+    monkeypatch.setattr(build, "RotatingLoader", Spy)
     run = runs.load_run(ar_run)
     hessians, rows = pack_mod.calibrate(run, 1000)
     assert seen and all("_train_" in name for name in seen)
@@ -186,21 +187,21 @@ def test_bench_pack_cli_json(ar_run):
 def test_blocks_score_each_target_once(ar_run):
     """Blocks tile the prefix: their bits add up to one pass over the same targets."""
     run = runs.load_run(ar_run, "cpu")
-    blocks = pack_mod.val_blocks(run, 4, 1000)
+    blocks = bench_pack.val_blocks(run, 4, 1000)
     seq = run.config.train.seq_len
     assert all(b.numel() - 1 == 1000 // 4 // seq * seq for b in blocks)
-    stream = pack_mod.load_val_tokens(open_data(run.meta["data"]["dir"]), None)
+    stream = load_val_tokens(open_data(run.meta["data"]["dir"]), None)
     assert torch.equal(torch.cat([blocks[0][:1], *(b[1:] for b in blocks)]),
                        stream[:sum(b.numel() - 1 for b in blocks) + 1])
-    _, bits, nbytes = pack_mod.block_bits(run, run.model, blocks, dtype="fp32")
+    _, bits, nbytes = bench_pack.block_bits(run, run.model, blocks, dtype="fp32")
     whole = evaluate_loaded(run, val_tokens=stream[:len(blocks) * (blocks[0].numel() - 1) + 1],
                             purpose="validation", dtype="fp32")["metrics"][0]
     assert nbytes.sum() == whole["bytes"]
     assert bits.sum() / nbytes.sum() == pytest.approx(whole["value"], rel=1e-6)
     with pytest.raises(LmkitError, match="--blocks"):
-        pack_mod.val_blocks(run, 1, 1000)
+        bench_pack.val_blocks(run, 1, 1000)
     with pytest.raises(LmkitError, match="raise --max-tokens"):
-        pack_mod.val_blocks(run, 64, 1000)
+        bench_pack.val_blocks(run, 64, 1000)
 
 
 def test_paired_difference_is_the_ratio_estimator():
@@ -208,16 +209,16 @@ def test_paired_difference_is_the_ratio_estimator():
     nbytes = rng.integers(900, 1100, size=6).astype(float)
     before = rng.normal(2.0, 0.1, size=6) * nbytes
     after = before + rng.normal(0.01, 0.002, size=6) * nbytes
-    diff, se = pack_mod.paired_difference(after, before, nbytes)
+    diff, se = bench_pack.paired_difference(after, before, nbytes)
     assert diff == pytest.approx((after - before).sum() / nbytes.sum())
     # Equal blocks: the ratio estimator is the mean of per-block differences, stderr sd/sqrt(n).
     same = np.full(6, 1000.0)
     per_block = rng.normal(0.01, 0.002, size=6)
-    diff, se = pack_mod.paired_difference(per_block * same, np.zeros(6), same)
+    diff, se = bench_pack.paired_difference(per_block * same, np.zeros(6), same)
     assert diff == pytest.approx(per_block.mean())
     assert se == pytest.approx(per_block.std(ddof=1) / np.sqrt(6))
     # A constant shift is paired away: identical per-block penalties have no spread.
-    _, se = pack_mod.paired_difference(before + 0.01 * nbytes, before, nbytes)
+    _, se = bench_pack.paired_difference(before + 0.01 * nbytes, before, nbytes)
     assert se == pytest.approx(0.0, abs=1e-12)
 
 
@@ -248,7 +249,7 @@ def test_pack_int6_for_masked_objectives(tiny_data, tmp_path, objective):
     run_dir = tiny_run(tiny_data, tmp_path / objective, steps=4,
                        extra=[f"objective={objective}"])
     result = pack_run(run_dir, bits=6, calib_tokens=CALIB,
-                      eval_options={"samples": 2, "steps": "", "chain_k": 16}, **EVAL)
+                      options={"samples": 2, "steps": "", "chain_k": 16}, **EVAL)
     assert CONTRACT <= set(result)
     assert result["artifact_bytes"] == os.path.getsize(result["artifact"]) <= 16_000_000
     names = [m["name"] for m in result["metrics"]]

@@ -22,7 +22,7 @@ from lmkit.core import registry as registry_mod
 from lmkit.core.registry import PluginWarning, Registry
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--set", "train.seq_len=32", "--set", "model.seq_len=32", "--set",
+FAST = ["--set", "train.seq_len=32", "--set",
         "train.batch_tokens=256", "--set", "train.val_tokens=512", "--set", "train.dtype=fp32"]
 
 GOOD = '''

@@ -13,31 +13,36 @@ import numpy as np
 import pytest
 import torch
 
+from lmkit.core import artifact as art_mod
 from lmkit.core import quant
-from lmkit.core.quant import (
-    DEFAULT_CAP_BYTES,
+from lmkit.core.artifact import (
     HEADER,
     MANIFEST_LEN,
-    apply_pruning,
     decode_artifact,
-    dequantize_rows,
     encode_artifact,
-    fit_to_cap,
-    gptq_quantize,
     load_artifact,
+    read_artifact,
+    serialize,
+)
+from lmkit.core.capfit import (
+    apply_pruning,
+    fit_to_cap,
     prune_candidates,
+)
+from lmkit.core.quant import (
+    DEFAULT_CAP_BYTES,
+    dequantize_rows,
+    gptq_quantize,
     quantize_int8_baseline,
     quantize_model,
-    read_artifact,
     round_rows,
     row_quantiles,
     search_clip,
-    serialize,
 )
 from lmkit.core.trunk import ModelConfig, Transformer
 from lmkit.errors import LmkitError
 
-CFG = ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, seq_len=32)
+CFG = ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2)
 VOCAB = 256
 
 
@@ -168,7 +173,7 @@ def test_quantize_model_schemes():
 
 def test_any_trunk_variant_round_trips(tmp_path):
     """Objective-agnostic: a bidirectional, time-conditioned, untied trunk with special ids."""
-    cfg = ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=4, seq_len=16, causal=False,
+    cfg = ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=4, causal=False,
                       time_cond=True, cond_dim=32, tie_embeddings=False)
     torch.manual_seed(0)
     model = Transformer(cfg, 200, n_special=2)
@@ -234,7 +239,7 @@ def artifact(tmp_path_factory):
 def test_round_trip_reproduces_the_dequantized_weights_exactly(artifact):
     path, tensors, model = artifact
     manifest, stored = read_artifact(path)
-    assert manifest["note"] == "test" and manifest["format"] == quant.FORMAT
+    assert manifest["note"] == "test" and manifest["format"] == art_mod.FORMAT
     assert [t.name for t in stored] == [t.name for t in tensors]
     for a, b in zip(tensors, stored, strict=True):
         assert torch.equal(a.dequantize(), b.dequantize()), a.name
@@ -253,8 +258,8 @@ def test_header_describes_the_file(artifact):
     path, _, _ = artifact
     data = path.read_bytes()
     magic, version, comp, _, length, n_data, sha = HEADER.unpack_from(data)
-    assert magic == quant.MAGIC and version == quant.FORMAT_VERSION
-    assert comp == quant.COMPRESSIONS["zlib"] and n_data == len(data) - HEADER.size
+    assert magic == art_mod.MAGIC and version == art_mod.FORMAT_VERSION
+    assert comp == art_mod.COMPRESSIONS["zlib"] and n_data == len(data) - HEADER.size
     payload = zlib.decompress(data[HEADER.size:])
     assert len(payload) == length and hashlib.sha256(payload).digest() == sha
 
@@ -350,11 +355,11 @@ def test_decompression_bomb_is_bounded():
 
     lie = with_header(honest, length=1000)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quant.zlib, "decompressobj", Spy)
+        mp.setattr(art_mod.zlib, "decompressobj", Spy)
         with pytest.raises(LmkitError, match="more than the 1,000 bytes"):
             decode_artifact(lie, "bomb")
     assert calls == [(1001, 1001)]
-    assert quant.payload_limit(len(honest)) <= quant.MAX_PAYLOAD_BYTES
+    assert art_mod.payload_limit(len(honest)) <= art_mod.MAX_PAYLOAD_BYTES
 
 
 def reencode(path, edit) -> bytes:
@@ -492,7 +497,7 @@ def test_pruning_zeroes_only_plus_minus_one_values_and_fits(artifact):
         assert (before.data[diff].abs() == 1).all() and (after.data[diff] == 0).all()
         changed += int(diff.sum())
     assert changed == packed.pruned
-    manifest, _ = quant.deserialize(decode_artifact(packed.data, "x"), "x")
+    manifest, _ = art_mod.deserialize(decode_artifact(packed.data, "x"), "x")
     assert manifest["pruned_values"] == packed.pruned
 
 

@@ -19,13 +19,12 @@ from lmkit.core import registry as registry_mod
 from lmkit.core.bpb import ByteLUT
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_data
-from lmkit.core.generate import (
+from lmkit.core.generate import documents, sample_run
+from lmkit.core.genmetrics import (
     add_generation_metrics,
     check_judge,
-    documents,
     generation_metrics,
     judge_nats,
-    sample_run,
     unigram_entropy,
 )
 from lmkit.core.registry import Registry
@@ -35,7 +34,7 @@ from lmkit.core.workflow import entry_listing
 from lmkit.errors import LmkitError
 from lmkit.protocols import SampleResult
 
-FAST = ["train.seq_len=32", "model.seq_len=32", "train.batch_tokens=512", "train.log_every=10",
+FAST = ["train.seq_len=32", "train.batch_tokens=512", "train.log_every=10",
         "train.val_tokens=1024", "train.dtype=fp32", "optim.lr=0.01"]
 VOCAB = 1024
 

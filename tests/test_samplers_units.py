@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from lmkit.core import sampling
-from lmkit.core.generate import generate, resolve_sampler
-from lmkit.core.registry import Registry
+from lmkit.core.generate import SampleRequest, generate, resolve_sampler, served_by
+from lmkit.core.registry import Registry, get_registry
 from lmkit.core.trunk import ModelConfig, Transformer, count_params
 from lmkit.errors import LmkitError
 from lmkit.plugins.samplers import reveal_counts
 from lmkit.protocols import SampleResult, TokenSpec
 
-TINY = ModelConfig(n_layer=5, d_model=32, n_head=4, n_kv_head=2, seq_len=16)
+TINY = ModelConfig(n_layer=5, d_model=32, n_head=4, n_kv_head=2)
 
 
 def randomized(cfg: ModelConfig, vocab: int = 50) -> Transformer:
@@ -89,7 +89,7 @@ def test_samplers_get_float64_through_the_context():
     model = Transformer(TINY, 50)
     entry = types_entry(Spy)
     generate(model, entry, objective=None, tokens=TokenSpec(50, 1), prompt=torch.tensor([1]),
-             context=16, num=2, length=3, seed=11)
+             context=16, request=SampleRequest(num=2, length=3, seed=11))
     assert seen == {"dtype": torch.float64, "gen": 11}
 
 
@@ -132,11 +132,16 @@ def test_confidence_reveal_counts(schedule):
         reveal_counts(4, 2, "zigzag")
 
 
-def test_builtin_samplers_declare_their_objectives():
+def test_builtin_samplers_declare_what_they_need_not_whom_they_serve():
     reg = Registry()
     reg.load(entry_points=False)
-    served = {n: e.obj.objectives for n, e in reg.entries["sampler"].items()}
-    assert served == {"ar": ("ar",), "ddpm": ("mdlm", "maskrecon"),
-                      "ddpm_cache": ("mdlm", "maskrecon"), "confidence": ("mdlm", "maskrecon")}
+    needs = {n: e.obj.requires for n, e in reg.entries["sampler"].items()}
+    assert needs == {"ar": ("next_token",), "ddpm": ("masked",), "ddpm_cache": ("masked",),
+                     "confidence": ("masked",)}
+    assert not any(hasattr(e.obj, "objectives") for e in reg.entries["sampler"].values())
+    served = {n: served_by(e) for n, e in get_registry().entries["sampler"].items()
+              if e.plugin == "lmkit.plugins.samplers"}
+    assert served == {"ar": ["ar"], "ddpm": ["mdlm", "maskrecon"],
+                      "ddpm_cache": ["mdlm", "maskrecon"], "confidence": ["mdlm", "maskrecon"]}
     assert all(e.plugin == "lmkit.plugins.samplers" for e in reg.entries["sampler"].values())
     assert resolve_sampler("maskrecon", None).name == "ddpm"

@@ -18,7 +18,7 @@ from lmkit.core.train import lr_multiplier, train
 from lmkit.core.workflow import plan_training
 from lmkit.errors import LmkitError
 
-FAST = ["train.seq_len=32", "model.seq_len=32", "train.batch_tokens=256", "train.log_every=2",
+FAST = ["train.seq_len=32", "train.batch_tokens=256", "train.log_every=2",
         "train.val_tokens=512", "train.dtype=fp32"]
 
 

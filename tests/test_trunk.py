@@ -17,7 +17,7 @@ from lmkit.core.trunk import (
 )
 from lmkit.errors import LmkitError
 
-TINY = ModelConfig(n_layer=3, d_model=32, n_head=4, n_kv_head=2, cond_dim=16, seq_len=16)
+TINY = ModelConfig(n_layer=3, d_model=32, n_head=4, n_kv_head=2, cond_dim=16)
 
 
 def tiny(**changes) -> ModelConfig:
@@ -188,12 +188,12 @@ def test_bad_config_names_the_option(change, option):
 
 def test_rope_cache_grows_for_longer_sequences():
     torch.manual_seed(0)
-    model = Transformer(tiny(seq_len=4), 40).eval()
+    model = Transformer(tiny(), 40, context=4).eval()
     randomize(model)
     idx = torch.randint(0, 40, (1, 10))
     long_out = model(idx)
     assert model.rotary.cos.size(0) >= 10
-    fresh = Transformer(tiny(seq_len=16), 40).eval()
+    fresh = Transformer(tiny(), 40, context=16).eval()
     fresh.load_state_dict(model.state_dict())  # rope tables are not part of the state
     torch.testing.assert_close(long_out, fresh(idx))
 

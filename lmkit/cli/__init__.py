@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from contextlib import nullcontext
@@ -12,13 +11,9 @@ from typing import Any
 import click
 
 from lmkit import __version__
-from lmkit.cli.display import TrainDisplay, console, metrics_table, output
+from lmkit.cli.display import TrainDisplay, console, emit_json, metrics_table, output
 from lmkit.cli.options import objective_options, scoring_options
 from lmkit.errors import LmkitError
-
-
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -171,30 +166,17 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_s
     the standard error of its estimate) or `score` (neither). Bytes are counted with the
     tokenizer's exact LUT over exactly the scored tokens.
     """
-    from lmkit.core.evaluate import evaluate_run
+    from lmkit.core.evaluate import evaluate_target
 
-    options = objective_options(opts, stride)
-    if gen:
-        if judge_dir is None:
-            raise LmkitError("--gen needs --judge AR_RUN: an AR run trained with the same "
-                             "tokenizer scores the samples")
-        from lmkit.core.generate import check_judge
-
-        check_judge(run_dir, judge_dir)  # fail before a long evaluation
-    kwargs = dict(max_tokens=max_tokens, options=options, seed=seed, data_dir=data_dir,
-                  device=device, dtype=dtype, batch_size=batch_size)
+    if gen and judge_dir is None:
+        raise LmkitError("--gen needs --judge AR_RUN: an AR run trained with the same tokenizer "
+                         "scores the samples")
+    generation = dict(sampler=sampler, num=num, length=length, steps=steps) if gen else None
     with console.status("evaluating…", spinner="dots") if not as_json else nullcontext():
-        if Path(run_dir).is_file():  # a packed artifact: score its dequantized round trip
-            from lmkit.core.pack import evaluate_artifact
-
-            result = evaluate_artifact(run_dir, **kwargs)
-        else:
-            result = evaluate_run(run_dir, **kwargs)
-        if gen:
-            from lmkit.core.generate import add_generation_metrics
-
-            add_generation_metrics(result, judge_dir, sampler=sampler, num=num, length=length,
-                                   steps=steps, seed=seed, device=device)
+        result = evaluate_target(run_dir, device=device, judge=judge_dir, generation=generation,
+                                 max_tokens=max_tokens, options=objective_options(opts, stride),
+                                 seed=seed, data_dir=data_dir, dtype=dtype,
+                                 batch_size=batch_size)
     if as_json:
         emit_json(result)
     else:
@@ -238,30 +220,20 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
     from lmkit.cli.display import CompareDisplay, compare_tables
     from lmkit.core import compare as core
 
-    if bool(run_dirs) == bool(objectives):
-        raise LmkitError("give either RUN_DIRs to compare or --objectives a,b,c to train")
+    request = core.CompareRequest(
+        run_dirs=list(run_dirs),
+        objectives=[o.strip() for o in (objectives or "").split(",") if o.strip()],
+        out=out, preset=preset,
+        flags=budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer),
+        sets=tuple(sets), max_tokens=max_tokens, force=force, pack=with_pack, gen=gen)
     display = CompareDisplay(quiet=quiet or fmt is not None)
     try:
-        if objectives:
-            flags = budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer)
-            out, entries = core.compare_objectives(
-                [o.strip() for o in objectives.split(",") if o.strip()], out=out, preset=preset,
-                flags=flags, sets=sets, max_tokens=max_tokens, observer=display,
-                log=None if quiet or fmt else console.print)
-        else:
-            out = out or core.default_compare_dir()
-            entries = core.compare_runs(list(run_dirs), force=force, max_tokens=max_tokens,
-                                        device=device or "auto", observer=display)
-        if with_pack:
-            core.add_pack_columns(entries, log=None if fmt else console.print)
-        if gen:
-            core.add_generation_columns(entries, seed=seed or 0,
-                                        log=None if fmt else console.print)
+        out, entries, files = core.run_comparison(
+            request, observer=display, log=None if quiet or fmt else console.print)
     finally:
         display.close()
-    files = core.write_report(out, entries, {"comparison": str(out)})
     if fmt == "json":
-        emit_json({**core.to_json(entries, {"comparison": str(out)}),
+        emit_json({**core.to_json(entries, {"comparison": str(Path(out).resolve())}),
                    "files": {k: str(v) if v else None for k, v in files.items()}})
     elif fmt == "md":
         click.echo(core.to_markdown(entries), nl=False)
@@ -350,7 +322,7 @@ def bench() -> None:
 def bench_train(preset: str, objective: str, steps: int, warmup: int, device: str,
                 as_json: bool) -> None:
     """Training tokens/s and MFU (vs the matmul peak measured now) in fp32 and bf16."""
-    from lmkit.core.bench import bench_train as run
+    from lmkit.core.bench.train import bench_train as run
 
     result = run(preset=preset, objective=objective, steps=steps, warmup=warmup, device=device,
                  log=None if as_json else console.print)
@@ -382,12 +354,12 @@ def bench_eval(run_dir: Path, max_tokens: int | None, opts: tuple[str, ...], dev
 
     Train a run first, e.g. `lmkit train --objective mdlm --preset small --out runs/mdlm-small`.
     """
-    from lmkit.core.bench import bench_eval as run
-    from lmkit.core.config import parse_set
+    from lmkit.cli.options import parse_opts
+    from lmkit.core.bench.eval import bench_eval as run
 
     with console.status("evaluating…", spinner="dots") if not as_json else nullcontext():
         result = run(str(run_dir), max_tokens=max_tokens,
-                     options=dict(parse_set(o) for o in opts), device=device)
+                     options=parse_opts(opts), device=device)
     if as_json:
         emit_json(result)
         return

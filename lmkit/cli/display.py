@@ -13,6 +13,15 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress and 
 output = Console(highlight=False, soft_wrap=True)  # a command's results, on stdout
 
 
+def emit_json(data: Any) -> None:
+    """The one JSON emitter: a command's result on stdout, indented."""
+    import json
+
+    import click
+
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
 def fmt_count(n: float | None) -> str:
     if n is None:
         return "-"

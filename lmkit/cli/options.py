@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from lmkit.errors import LmkitError
+
 SCORING_OPTIONS = (
     click.option("--max-tokens", type=int,
                  help="Score only this many targets: a deterministic prefix of the validation "
@@ -33,11 +35,20 @@ def scoring_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def parse_opts(opts: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """The one ``--opt key=value`` parser (objective and sampler options alike)."""
+    options: dict[str, str] = {}
+    for item in opts:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LmkitError(f"--opt {item!r}: expected key=value, e.g. --opt samples=8")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def objective_options(opts: tuple[str, ...], stride: int | None) -> dict[str, Any]:
     """``--opt key=value`` pairs (and ``--stride``) as the objective's evaluation options."""
-    from lmkit.core.config import parse_set
-
-    options: dict[str, Any] = dict(parse_set(o) for o in opts)
+    options: dict[str, Any] = parse_opts(opts)
     if stride is not None:
         options["stride"] = stride
     return options

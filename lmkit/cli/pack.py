@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import click
 
-from lmkit.cli.display import console, metric_cell, output
+from lmkit.cli.display import console, emit_json, metric_cell, output
 from lmkit.cli.options import objective_options, scoring_options
 
 # Mirrors of lmkit.core.quant.DEFAULT_CAP_BYTES and lmkit.core.pack.DEFAULT_CALIB_TOKENS, kept here
 # so `lmkit --help` does not import torch (a test checks they agree).
 DEFAULT_CAP_BYTES = 16_000_000
 DEFAULT_CALIB_TOKENS = 65_536
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
 
 
 @click.command("pack")
@@ -51,11 +45,11 @@ def pack_command(run_dir, bits, method, cap_bytes, compression, calib_tokens, ma
 
     result = pack_run(run_dir, bits=int(bits), method=method, cap_bytes=cap_bytes,
                       compression=compression, device=device, calib_tokens=calib_tokens,
-                      max_tokens=max_tokens, eval_options=objective_options(opts, stride),
+                      max_tokens=max_tokens, options=objective_options(opts, stride),
                       data_dir=data_dir, batch_size=batch_size, dtype=dtype,
                       log=None if as_json else console.print)
     if as_json:
-        _emit_json(result)
+        emit_json(result)
         return
     from rich.table import Table
 
@@ -109,13 +103,13 @@ def bench_pack_command(run_dirs, bits, max_tokens, blocks, dtype, calib_tokens, 
     within twice its stderr is not resolved. No pruning (the bytes are each recipe's own);
     artifacts go to a temporary directory.
     """
-    from lmkit.core.pack import bench_pack
+    from lmkit.core.bench.pack import bench_pack
 
     result = bench_pack(list(run_dirs), device=device, max_tokens=max_tokens, bits=bits,
                         blocks=blocks, dtype=dtype, calib_tokens=calib_tokens,
                         log=None if as_json else console.print)
     if as_json:
-        _emit_json(result)
+        emit_json(result)
         return
     from rich.table import Table
 

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import click
 
-from lmkit.cli.display import console, output
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
-def _options(opts: tuple[str, ...]) -> dict[str, Any]:
-    from lmkit.core.config import parse_set
-
-    return dict(parse_set(o) for o in opts)
+from lmkit.cli.display import console, emit_json, output
+from lmkit.cli.options import parse_opts
 
 
 @click.command("sample")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", metavar="RUN_DIR|ARTIFACT", type=click.Path(path_type=Path))
 @click.option("--sampler", help="A registered sampler (see `lmkit samplers`) [default: the first "
                                 "that serves the run's objective: ar for AR, ddpm for masked].")
 @click.option("--num", type=click.IntRange(min=1), default=4, show_default=True,
@@ -51,7 +40,8 @@ def _options(opts: tuple[str, ...]) -> dict[str, Any]:
               help="One JSON object: per sample text, token ids, nfe, seconds, tokens/s.")
 def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperature, top_k, top_p,
                    opts, batch_size, dtype, device, as_json) -> None:
-    """Generate text from a run's checkpoint with a registered sampler.
+    """Generate text from a run's checkpoint (or a packed ARTIFACT's round trip) with a
+    registered sampler.
 
     Random draws (categorical/Gumbel) are made in float64, from one generator seeded with
     --seed. NFE counts the model's forward passes per batch. A BOS inside a sample (a new
@@ -60,11 +50,11 @@ def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperatu
     from lmkit.core.generate import sample_run
 
     kwargs = dict(num=num, length=length, steps=steps, seed=seed, prompt=prompt,
-                  temperature=temperature, top_k=top_k, top_p=top_p, options=_options(opts),
+                  temperature=temperature, top_k=top_k, top_p=top_p, options=parse_opts(opts),
                   batch_size=batch_size, precision=dtype, device=device)
     if as_json:
         samples = sample_run(run_dir, sampler, **kwargs)
-        _emit_json({"run": str(run_dir), "sampler": samples[0]["sampler"], "seed": seed,
+        emit_json({"run": str(run_dir), "sampler": samples[0]["sampler"], "seed": seed,
                     "samples": samples})
         return
     with console.status("sampling…", spinner="dots"):
@@ -84,10 +74,13 @@ def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperatu
 
 
 @click.command("sample")
-@click.option("--ar-run", type=click.Path(path_type=Path),
-              help="A trained AR run [default: a freshly initialised --preset model].")
-@click.option("--mdlm-run", type=click.Path(path_type=Path),
-              help="A trained mdlm (or maskrecon) run [default: a fresh --preset model].")
+@click.option("--run", "run_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="A trained run to benchmark (repeatable).")
+@click.option("--objective", "objectives", multiple=True,
+              help="Benchmark a freshly initialised --preset model of this objective "
+                   "(repeatable) [default without --run: ar and mdlm].")
+@click.option("--ar-run", type=click.Path(path_type=Path), hidden=True)
+@click.option("--mdlm-run", type=click.Path(path_type=Path), hidden=True)
 @click.option("--preset", default="small", show_default=True)
 @click.option("--num", type=click.IntRange(min=1), default=2, show_default=True,
               help="Samples generated at once.")
@@ -101,21 +94,22 @@ def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperatu
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_sample_command(ar_run, mdlm_run, preset, num, length, steps, repeats, seed, dtype,
-                         device, as_json) -> None:
-    """Tokens/s and NFE: ar with vs without KV cache; ddpm vs ddpm_cache vs confidence.
+def bench_sample_command(run_dirs, objectives, ar_run, mdlm_run, preset, num, length, steps,
+                         repeats, seed, dtype, device, as_json) -> None:
+    """Tokens/s and NFE of every sampler serving each run's (or objective's) model.
 
     Measured side by side in one process, at the same length and T; the ratios are to the
-    first row of each group. The token-for-token agreement of the pairs that must agree is
-    checked on the way.
+    first row of each group. Speed-only variants (ar with and without its KV cache) and samplers
+    that must agree (ddpm_cache with ddpm) are checked token for token on the way.
     """
-    from lmkit.core.generate import bench_sample
+    from lmkit.core.bench.sample import bench_sample
 
-    result = bench_sample(ar_run=ar_run, mdlm_run=mdlm_run, preset=preset, num=num,
-                          length=length, steps=steps, seed=seed, repeats=repeats,
-                          device=device, precision=dtype, log=None if as_json else console.print)
+    sources = [str(p) for p in (*run_dirs, ar_run, mdlm_run) if p] + list(objectives)
+    result = bench_sample(sources or ["ar", "mdlm"], preset=preset, num=num, length=length,
+                          steps=steps, seed=seed, repeats=repeats, device=device,
+                          precision=dtype, log=None if as_json else console.print)
     if as_json:
-        _emit_json(result)
+        emit_json(result)
         return
     from rich.table import Table
 

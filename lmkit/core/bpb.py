@@ -49,17 +49,11 @@ def _load_sentencepiece(model: Any) -> tuple[Any, str]:
     """Accept a path or a loaded processor; return (processor, name for error messages)."""
     import sentencepiece as spm
 
+    from lmkit.core.tokenizer import load_processor
+
     if isinstance(model, spm.SentencePieceProcessor):
         return model, "the given SentencePiece processor"
-    path = Path(model)
-    if not path.is_file():
-        raise LmkitError(f"tokenizer {path}: file not found; pass the SentencePiece .model "
-                         "the data was tokenized with")
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path)), str(path)
-    except (OSError, RuntimeError) as e:
-        raise LmkitError(f"tokenizer {path}: not a loadable SentencePiece model ({e}); "
-                         "pass the .model file (not the .vocab)") from e
+    return load_processor(Path(model)), str(model)
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lmkit.core import runs
+from lmkit.core.build import batch_geometry
 from lmkit.core.config import resolve_config
 from lmkit.core.datasets import open_for_training
 from lmkit.core.evaluate import evaluate_run
 from lmkit.core.registry import get_objective
-from lmkit.core.train import NullObserver, TrainObserver, batch_geometry, train
+from lmkit.core.train import NullObserver, TrainObserver, train
 from lmkit.errors import LmkitError
 
 KIND_MARK = {"exact": "=", "upper_bound": "≤", "score": "score "}
@@ -315,7 +316,8 @@ def add_generation_columns(entries: list[Entry], *, num: int = 8, length: int | 
                            log: Callable[[str], None] | None = None) -> None:
     """Generative perplexity of each run's samples under the comparison's AR run (the judge),
     always with the samples' unigram entropy (gen-ppl alone rewards repetition)."""
-    from lmkit.core.generate import add_generation_metrics, can_judge
+    from lmkit.core.generate import can_judge
+    from lmkit.core.genmetrics import add_generation_metrics
 
     judges = [e for e in entries if can_judge(e.objective)]
     if not judges:
@@ -327,3 +329,44 @@ def add_generation_columns(entries: list[Entry], *, num: int = 8, length: int | 
         e.eval = add_generation_metrics(e.eval, judges[0].run_dir, num=num, length=length,
                                         steps=steps, seed=seed)
         e.metrics = e.eval["metrics"]
+
+
+@dataclass
+class CompareRequest:
+    """``lmkit compare``: existing ``run_dirs``, or ``objectives`` trained fresh under one
+    preset, flags and ``--set`` (only the objective differs); then optional packing and
+    generation columns, written to ``out`` (default: a new comparisons/<timestamp>)."""
+
+    run_dirs: list[Path] = field(default_factory=list)
+    objectives: list[str] = field(default_factory=list)
+    out: Path | None = None
+    preset: str | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
+    sets: tuple[str, ...] = ()
+    max_tokens: int | None = None
+    force: bool = False
+    pack: bool = False
+    gen: bool = False
+
+
+def run_comparison(request: CompareRequest, observer: CompareObserver | None = None,
+                   log: Callable[[str], None] | None = None
+                   ) -> tuple[Path, list[Entry], dict[str, Path | None]]:
+    """The whole ``lmkit compare`` pipeline: (comparison directory, entries, files written)."""
+    r = request
+    if bool(r.run_dirs) == bool(r.objectives):
+        raise LmkitError("give either RUN_DIRs to compare or --objectives a,b,c to train")
+    if r.objectives:
+        out, entries = compare_objectives(r.objectives, out=r.out, preset=r.preset,
+                                          flags=r.flags, sets=r.sets, max_tokens=r.max_tokens,
+                                          observer=observer, log=log)
+    else:
+        out = r.out or default_compare_dir()
+        entries = compare_runs(r.run_dirs, force=r.force, max_tokens=r.max_tokens,
+                               device=r.flags.get("train.device") or "auto", observer=observer)
+    if r.pack:
+        add_pack_columns(entries, log=log)
+    if r.gen:
+        add_generation_columns(entries, seed=r.flags.get("train.seed") or 0, log=log)
+    files = write_report(out, entries, {"comparison": str(Path(out).resolve())})
+    return out, entries, files

@@ -66,7 +66,7 @@ BUDGET_KEYS = ("steps", "tokens", "time")
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "description": "2 layers, d=64: for tests and smoke runs (seconds on a CPU)",
-        "model": {"n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2, "seq_len": 64,
+        "model": {"n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2,
                   "cond_dim": 16},
         "optim": {"name": "adamw", "lr": 3e-3},
         "train": {"seq_len": 64, "batch_tokens": 1024, "steps": 40, "log_every": 5,
@@ -74,7 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "small": {
         "description": "4 layers, d=256, seq 256: a CPU demo that learns real text in minutes",
-        "model": {"n_layer": 4, "d_model": 256, "n_head": 4, "n_kv_head": 2, "seq_len": 256,
+        "model": {"n_layer": 4, "d_model": 256, "n_head": 4, "n_kv_head": 2,
                   "cond_dim": 64},
         "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
         "train": {"seq_len": 256, "batch_tokens": 8192, "steps": 400, "log_every": 10,
@@ -95,8 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "MLP 3x, AdaLN on sigma, untied head (32,987,776 parameters), AdamW 6e-4",
         "model": {"n_layer": 11, "n_kv_head": 8, "mlp_mult": 3.0, "q_gain_init": 0.0,
                   "unet_skips": False, "x0_mix": False, "block_scales": False,
-                  "tie_embeddings": False, "logit_softcap": 0.0, "cond_dim": 128,
-                  "seq_len": 2048},
+                  "tie_embeddings": False, "logit_softcap": 0.0, "cond_dim": 128},
         "optim": {"name": "adamw", "lr": 6e-4, "weight_decay": 0.1, "grad_clip": 1.0},
         "data": {"group_size": 8},
         "train": {"seq_len": 2048, "batch_tokens": 65536, "steps": 6000, "warmup_steps": 300,
@@ -149,9 +148,20 @@ def _unknown(key: str, known: list[str], where: str) -> LmkitError:
     return LmkitError(f"unknown config key {key!r} in {where}{hint}")
 
 
-def apply_section(obj: Any, values: dict[str, Any], section: str, where: str) -> None:
+# Keys that moved: (section, key) -> where they live now. ``model.seq_len`` (the RoPE table size)
+# was merged into ``train.seq_len``, the one sequence length; old configs still load.
+MOVED_KEYS = {("model", "seq_len"): ("train", "seq_len")}
+
+
+def apply_section(obj: Any, values: dict[str, Any], section: str, where: str,
+                  cfg: RunConfig | None = None) -> None:
     types_ = _field_types(obj)
     for key, value in values.items():
+        moved = MOVED_KEYS.get((section, key))
+        if moved is not None:
+            if cfg is not None:  # a stored model config has no RunConfig: the key is dropped
+                apply_section(getattr(cfg, moved[0]), {moved[1]: value}, moved[0], where)
+            continue
         if key not in types_:
             raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k in types_], where)
         setattr(obj, key, _convert(value, types_[key], f"{section}.{key}"))
@@ -163,7 +173,7 @@ def apply_mapping(cfg: RunConfig, data: dict[str, Any], where: str) -> None:
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise LmkitError(f"{where}: [{key}] must be a table")
-            apply_section(getattr(cfg, key), value, key, where)
+            apply_section(getattr(cfg, key), value, key, where, cfg)
         elif key == "options":
             if not isinstance(value, dict):
                 raise LmkitError(f"{where}: [options] must be a table")
@@ -189,7 +199,7 @@ def apply_set(cfg: RunConfig, key: str, value: Any) -> None:
         cfg.options[name] = value
         return
     if section in SECTIONS and name:
-        apply_section(getattr(cfg, section), {name: value}, section, "--set")
+        apply_section(getattr(cfg, section), {name: value}, section, "--set", cfg)
         return
     if key in ("objective", "preset"):
         setattr(cfg, key, str(value))
@@ -304,7 +314,8 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from :func:`to_dict` output (as stored in a run directory)."""
     cfg = RunConfig(objective=data["objective"], preset=data["preset"])
     for section in SECTIONS:
-        apply_section(getattr(cfg, section), data.get(section, {}), section, "run config")
+        values = {k: v for k, v in data.get(section, {}).items() if (section, k) not in MOVED_KEYS}
+        apply_section(getattr(cfg, section), values, section, "run config")
     cfg.options = dict(data.get("options", {}))
     return cfg
 

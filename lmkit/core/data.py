@@ -7,7 +7,6 @@ num_tokens little-endian uint16 ids. Every document is stored as [BOS] + ids (no
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -15,7 +14,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from lmkit.core import atomic
+from lmkit.core.tokenizer import Tokenizer, load_processor
 from lmkit.errors import LmkitError
 
 SHARD_MAGIC = 20240520
@@ -40,26 +40,6 @@ SPLITS = ("train", "val")
 # ---------------------------------------------------------------------------------------------
 # Shard files
 # ---------------------------------------------------------------------------------------------
-
-
-def _atomic_write_bytes(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write to a temp file next to `path`, then rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(_temp_name(path.name))
-    try:
-        with open(tmp, "xb") as f:  # plain open: the file gets the usual umask permissions
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _temp_name(name: str) -> str:
-    """A hidden sibling name: never matches the *_train_*.bin / *_val_*.bin globs."""
-    return f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> None:
@@ -78,7 +58,7 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
     body = tokens.astype("<u2", copy=False)
-    _atomic_write_bytes(Path(path), [header.tobytes(), body.tobytes()])
+    atomic.write_bytes(path, [header.tobytes(), body.tobytes()])
 
 
 def read_shard_header(path: Path) -> int:
@@ -158,38 +138,31 @@ def find_shards(data_dir: Path, split: str) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file: how lmkit checks shards and tokenizer belong together."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
-    """Load a SentencePiece model, turning a bad file into a clear user error."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmkitError(f"tokenizer {path} does not exist; pass --tokenizer MODEL")
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as e:
-        raise LmkitError(f"tokenizer {path} is not a SentencePiece model ({e})") from None
-
-
 @dataclass
 class DataSource:
     """A validated data directory: shards plus the tokenizer they were encoded with."""
 
     dir: Path
-    tokenizer_path: Path
-    tokenizer_sha256: str
-    vocab_size: int
-    bos_id: int
+    tokenizer: Tokenizer
     train_shards: list[Path]
     val_shards: list[Path]
     manifest: dict | None = None
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.tokenizer.path
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.tokenizer.sha256
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self.tokenizer.bos_id
 
     def describe(self) -> dict:
         """JSON-able summary for run metadata (headers are re-read: cheap, 1 KB each)."""
@@ -199,14 +172,9 @@ class DataSource:
         }
         corpus = (self.manifest or {}).get("corpus", {}).get("name")
         return {
-            "dir": str(self.dir),
+            "dir": str(self.dir.resolve()),
             "corpus": corpus,
-            "tokenizer": {
-                "path": str(self.tokenizer_path),
-                "sha256": self.tokenizer_sha256,
-                "vocab_size": self.vocab_size,
-                "bos_id": self.bos_id,
-            },
+            "tokenizer": self.tokenizer.describe(),
             "shards": {"train": len(self.train_shards), "val": len(self.val_shards)},
             "tokens": tokens,
         }
@@ -251,39 +219,34 @@ def _resolve_tokenizer(data_dir: Path, tokenizer: Path | None, manifest: dict | 
     )
 
 
-def open_data(data_dir: Path, tokenizer: Path | None = None) -> DataSource:
-    """Resolve and validate a data directory without reading its tokens."""
+def open_data(data_dir: Path, tokenizer: Path | Tokenizer | None = None) -> DataSource:
+    """Resolve and validate a data directory without reading its tokens.
+
+    ``tokenizer`` is a path (``--tokenizer``) or an already loaded :class:`Tokenizer` (a run's
+    own copy), else the one the directory names; it must be the one the shards were made with.
+    """
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         raise LmkitError(
             f"data directory {data_dir} does not exist; run `lmkit data prepare` or pass --data DIR"
         )
     manifest = _read_manifest(data_dir)
-    tok_path = _resolve_tokenizer(data_dir, tokenizer, manifest)
-    sha = sha256_file(tok_path)
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = Tokenizer.load(_resolve_tokenizer(data_dir, tokenizer, manifest))
     recorded_sha = ((manifest or {}).get("tokenizer") or {}).get("sha256")
-    if recorded_sha and recorded_sha != sha:
+    if recorded_sha and recorded_sha != tokenizer.sha256:
         recorded_file = (manifest.get("tokenizer") or {}).get("file", "?")
         raise LmkitError(
             f"shards in {data_dir} were encoded with a different tokenizer: "
             f"{data_dir / MANIFEST_NAME} records {recorded_file} with sha256 "
-            f"{recorded_sha[:12]}..., but {tok_path} has sha256 {sha[:12]}...; pass the tokenizer "
-            "the shards were made with or re-run `lmkit data prepare`"
+            f"{recorded_sha[:12]}..., but {tokenizer.path} has sha256 {tokenizer.sha256[:12]}...; "
+            "pass the tokenizer the shards were made with or re-run `lmkit data prepare`"
         )
-    sp = load_tokenizer(tok_path)
     train, val = find_shards(data_dir, "train"), find_shards(data_dir, "val")
     for shard in train + val:
         read_shard_header(shard)
-    return DataSource(
-        dir=data_dir,
-        tokenizer_path=tok_path,
-        tokenizer_sha256=sha,
-        vocab_size=int(sp.get_piece_size()),
-        bos_id=int(sp.bos_id()),
-        train_shards=train,
-        val_shards=val,
-        manifest=manifest,
-    )
+    return DataSource(dir=data_dir, tokenizer=tokenizer, train_shards=train, val_shards=val,
+                      manifest=manifest)
 
 
 def _check_ids(tokens: np.ndarray, vocab_size: int | None, shard: Path) -> None:
@@ -297,25 +260,33 @@ def _check_ids(tokens: np.ndarray, vocab_size: int | None, shard: Path) -> None:
         )
 
 
-def load_val_tokens(src: DataSource, max_tokens: int | None = None) -> torch.Tensor:
-    """All validation tokens in shard order (or a deterministic prefix of max_tokens targets)."""
+def load_stream(shards: list[Path], vocab_size: int | None = None,
+                max_tokens: int | None = None) -> torch.Tensor:
+    """The tokens of ``shards`` in order (or a deterministic prefix of ``max_tokens`` targets:
+    ``max_tokens + 1`` tokens), int64, with every id checked against the vocabulary."""
     if max_tokens is not None and max_tokens < 1:
         raise LmkitError(f"--max-tokens must be at least 1, got {max_tokens}")
     need = None if max_tokens is None else max_tokens + 1
     parts: list[np.ndarray] = []
     got = 0
-    for shard in src.val_shards:
+    for shard in shards:
         n = read_shard_header(shard)
         take = n if need is None else min(n, need - got)
         if take <= 0:
             break
         part = np.fromfile(shard, dtype="<u2", count=take, offset=HEADER_BYTES)
-        _check_ids(part, src.vocab_size, shard)
+        _check_ids(part, vocab_size, shard)
         parts.append(part)
         got += take
     if got < 2:
-        raise LmkitError(f"validation shards in {src.dir} hold {got} token(s); need at least 2")
+        where = Path(shards[0]).parent if shards else "the data"
+        raise LmkitError(f"validation shards in {where} hold {got} token(s); need at least 2")
     return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+
+
+def load_val_tokens(src: DataSource, max_tokens: int | None = None) -> torch.Tensor:
+    """All validation tokens in shard order (or a deterministic prefix of max_tokens targets)."""
+    return load_stream(src.val_shards, src.vocab_size, max_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,7 +585,7 @@ def train_tokenizer(
     except RuntimeError as e:
         raise LmkitError(f"tokenizer training failed ({e}); is the corpus big enough?") from None
     out_model = Path(out_model)
-    _atomic_write_bytes(out_model, [model.getvalue()])
+    atomic.write_bytes(out_model, model.getvalue())
     return out_model
 
 
@@ -670,10 +641,6 @@ class _ShardWriter:
         self.names.append(name)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    _atomic_write_bytes(path, [(json.dumps(obj, indent=2) + "\n").encode("utf-8")])
-
-
 def prepare_data(
     corpus: Corpus,
     out_dir: Path,
@@ -712,13 +679,13 @@ def prepare_data(
     log(f"{n_docs} documents ({n_docs - n_val} train, {n_val} val), {sizes.sum():,} bytes")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / _temp_name(out_dir.name)
+    tmp = out_dir.parent / atomic.temp_name(out_dir.name)
     tmp.mkdir()
     try:
         tok_path = tmp / TOKENIZER_NAME
         if tokenizer is not None:
             log(f"using tokenizer {tokenizer}")
-            load_tokenizer(Path(tokenizer))  # validates before copying
+            load_processor(Path(tokenizer))  # validates before copying
             shutil.copyfile(tokenizer, tok_path)
         else:
             # Train on the train split only; an even stride keeps huge corpora under the cap.
@@ -732,8 +699,8 @@ def prepare_data(
             which = "the train documents" if stride == 1 else f"every {stride}th train document"
             log(f"training a {vocab_size}-piece BPE tokenizer on {which}")
             train_tokenizer(sample, tok_path, vocab_size)
-        sp = load_tokenizer(tok_path)
-        vocab, bos = int(sp.get_piece_size()), int(sp.bos_id())
+        tok = Tokenizer.load(tok_path)
+        vocab, bos = tok.vocab_size, tok.bos_id
         if vocab > 65536:
             raise LmkitError(f"tokenizer {tokenizer} has {vocab} ids; uint16 shards hold <= 65536")
         if bos < 0:
@@ -744,7 +711,7 @@ def prepare_data(
         log("encoding documents")
         seen = 0
         for batch_start, batch in _batched(_nonempty(corpus), 1024):
-            for j, ids in enumerate(sp.encode(batch, out_type=int)):
+            for j, ids in enumerate(tok.processor.encode(batch, out_type=int)):
                 toks = np.empty(len(ids) + 1, dtype=np.uint16)
                 toks[0], toks[1:] = bos, ids
                 writers["val" if is_val[batch_start + j] else "train"].add(toks)
@@ -760,7 +727,7 @@ def prepare_data(
             "corpus": {"name": corpus.name, "description": corpus.description, "documents": n_docs},
             "tokenizer": {
                 "file": TOKENIZER_NAME,
-                "sha256": sha256_file(tok_path),
+                "sha256": tok.sha256,
                 "vocab_size": vocab,
                 "bos_id": bos,
                 "trained": tokenizer is None,
@@ -783,7 +750,8 @@ def prepare_data(
             "text_bytes": text_bytes,
             "shards": shards,
         }
-        _write_json(tmp / MANIFEST_NAME, manifest)  # last: its presence means "complete"
+        # last: its presence means "complete"
+        atomic.write_json(tmp / MANIFEST_NAME, manifest, indent=2)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)

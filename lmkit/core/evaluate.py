@@ -1,106 +1,193 @@
-"""``lmkit eval``: score a run's latest checkpoint on its validation data, per the JSON contract."""
+"""``lmkit eval``: score a run's checkpoint (or a packed artifact) on validation data, per the
+JSON contract. The scoring options are one value, :class:`Scoring`, shared with ``lmkit pack``.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmkit.core import config as config_mod
 from lmkit.core import runs
-from lmkit.core.bpb import ByteLUT
-from lmkit.core.data import DataSource, load_val_tokens, open_data
-from lmkit.core.device import autocast, resolve_device, resolve_dtype
-from lmkit.core.train import run_evaluation
+from lmkit.core.bpb import Metric
+from lmkit.core.build import CallCounter
+from lmkit.core.device import resolve_device
+from lmkit.errors import LmkitError
 from lmkit.protocols import EvalContext
 
 
-def make_eval_context(
-    run: runs.Run,
-    model: torch.nn.Module,
-    *,
-    max_tokens: int | None = None,
-    val_tokens: torch.Tensor | None = None,
-    options: dict[str, Any] | None = None,
-    data_dir: str | Path | None = None,
-    dtype: str | None = None,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    progress: Any = None,
-    purpose: str = "eval",
-) -> tuple[EvalContext, DataSource]:
-    """The EvalContext ``lmkit eval`` gives the run's objective (also used by tests and tools).
+@dataclass(frozen=True)
+class Scoring:
+    """What to score and how (``lmkit eval`` / ``lmkit pack`` options): a validation prefix of
+    ``max_tokens`` targets, the objective's ``--opt`` options, the data directory if it moved,
+    the precision, the batch (default: the training micro-batch) and the Monte-Carlo seed."""
 
-    ``val_tokens`` (a slice of the validation stream) replaces the ``max_tokens`` prefix: benchmarks
-    score disjoint blocks to measure how a difference varies across the text.
-    """
-    dev = next(model.parameters()).device
-    cfg = run.config
-    # The run's own tokenizer copy: open_data refuses shards whose manifest names another one.
-    data = open_data(Path(data_dir or run.meta["data"]["dir"]), run.tokenizer_path)
-    precision = resolve_dtype(dtype or cfg.train.dtype, dev)
-    eval_options = config_mod.build_options(run.objective.EvalOptions, options or {}, "eval")
-    lut = ByteLUT.from_sentencepiece(run.tokenizer_path, size=run.model.padded_vocab).to(dev)
-    ctx = EvalContext(
-        val_tokens=load_val_tokens(data, max_tokens) if val_tokens is None else val_tokens,
-        seq_len=cfg.train.seq_len,
-        batch_size=batch_size or max(1, cfg.train.batch_tokens // cfg.train.seq_len),
-        device=dev, autocast=autocast(dev, precision), lut=lut, tokens=run.tokens,
-        seed=cfg.train.seed if seed is None else seed, purpose=purpose, options=eval_options,
-        progress=progress or (lambda done, total: None), precision=precision,
-    )
-    return ctx, data
+    max_tokens: int | None = None
+    options: dict[str, Any] | None = None
+    data_dir: str | Path | None = None
+    dtype: str | None = None
+    batch_size: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise LmkitError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise LmkitError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    *,
-    device: str = "auto",
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Evaluate ``run_dir``'s checkpoint and write ``eval.json`` there; return the JSON object."""
-    run = runs.load_run(run_dir, device=resolve_device(device))
-    result = evaluate_loaded(run, **kwargs)
-    runs.write_json(run.path / runs.EVAL_FILE, result)
-    return result
+def run_evaluation(model: torch.nn.Module, objective: Any, ctx: EvalContext) -> list[Metric]:
+    """``objective.evaluate`` in eval mode without gradients; every result must be a Metric."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            metrics = objective.evaluate(model, ctx)
+    finally:
+        model.train(was_training)
+    for m in metrics:
+        if not isinstance(m, Metric):
+            raise TypeError(f"objective {objective.name!r} returned {type(m).__name__}, not Metric")
+    return metrics
 
 
-def evaluate_loaded(
-    run: runs.Run, *, model: torch.nn.Module | None = None, **context: Any
-) -> dict[str, Any]:
+def make_eval_context(run: runs.Run, *, val_tokens: torch.Tensor | None = None,
+                      purpose: str = "eval", progress: Any = None, **scoring: Any) -> EvalContext:
+    """The EvalContext ``lmkit eval`` gives the run's objective; ``scoring`` are
+    :class:`Scoring`'s fields. ``val_tokens`` (a slice of the validation stream) replaces the
+    ``max_tokens`` prefix: benchmarks score disjoint blocks."""
+    s = Scoring(**scoring)
+    if val_tokens is None:
+        val_tokens = run.val_tokens(s.max_tokens, s.data_dir)
+    return run.eval_context(val_tokens, purpose=purpose, options=s.options,
+                            batch_size=s.batch_size, seed=s.seed, precision=s.dtype,
+                            progress=progress)
+
+
+def evaluate_loaded(run: runs.Run, *, model: torch.nn.Module | None = None,
+                    val_tokens: torch.Tensor | None = None, purpose: str = "eval",
+                    progress: Any = None, **scoring: Any) -> dict[str, Any]:
     """Score ``model`` (default: the run's own) with the run's objective on its validation data.
 
-    ``model`` lets a caller score a modified copy, e.g. the dequantized round trip of an artifact;
-    ``context`` are :func:`make_eval_context`'s options (max_tokens, options, seed, ...).
+    ``model`` lets a caller score a modified copy, e.g. the dequantized round trip of an
+    artifact. Returns the ``lmkit eval --json`` object, with ``costs`` (seconds and model calls
+    per metric).
     """
     model = run.model if model is None else model
-    ctx, data = make_eval_context(run, model, **context)
-    max_tokens = context.get("max_tokens")
-    calls = [0]
-    hook = model.embed.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    ctx.model_calls = lambda: calls[0]
+    ctx = make_eval_context(run, val_tokens=val_tokens, purpose=purpose, progress=progress,
+                            **scoring)
     t0 = time.perf_counter()
-    try:
+    with CallCounter(model) as counter:
+        ctx.model_calls = lambda: counter.calls
         metrics = run_evaluation(model, run.objective, ctx)
-    finally:
-        hook.remove()
-    end = (time.perf_counter(), calls[0])
+        end = (time.perf_counter(), counter.calls)
     costs = []
     for (name, t, c), nxt in zip(ctx.marks, [*((t, c) for _, t, c in ctx.marks[1:]), end],
                                  strict=True):
         costs.append({"metric": name, "seconds": round(nxt[0] - t, 3), "model_calls": nxt[1] - c})
+    s = Scoring(**scoring)
     return {
-        "run": str(run.path),
+        "run": str(run.path.resolve()),
         "objective": run.config.objective,
         "checkpoint": {"step": run.state["step"], "tokens": run.state["tokens"]},
         "params": run.meta["model"]["params"],
-        "data": {"dir": str(data.dir), "val_targets": int(ctx.val_tokens.numel() - 1),
-                 "max_tokens": max_tokens, "tokenizer_sha256": data.tokenizer_sha256},
+        "data": {"dir": str(s.data_dir or run.data_dir),
+                 "val_source": run.val_origin(s.data_dir),
+                 "val_targets": int(ctx.val_tokens.numel() - 1),
+                 "max_tokens": s.max_tokens, "tokenizer_sha256": run.tokenizer.sha256},
         "precision": ctx.precision,
         "seed": ctx.seed,
         "seconds": round(end[0] - t0, 3),
         "metrics": [m.to_dict() for m in metrics],
         "costs": costs,
     }
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "auto", **scoring: Any) -> dict[str, Any]:
+    """Evaluate ``run_dir``'s checkpoint and write ``eval.json`` there; return the JSON object."""
+    run = runs.load_run(run_dir, device=resolve_device(device))
+    result = evaluate_loaded(run, **scoring)
+    runs.write_json(run.path / runs.EVAL_FILE, result)
+    return result
+
+
+def find_run_dir(path: Path, manifest: dict[str, Any]) -> Path:
+    """The run an artifact belongs to: the directory it sits in, else the one it names."""
+    for candidate in (path.parent, Path(str(manifest.get("run", "")))):
+        if (candidate / runs.RUN_FILE).is_file():
+            return candidate
+    raise LmkitError(
+        f"artifact {path}: cannot find its run directory (neither {path.parent} nor "
+        f"{manifest.get('run')!r} holds {runs.RUN_FILE}); put the artifact back in its run "
+        "directory, which holds the tokenizer and the data location evaluation needs"
+    )
+
+
+def load_target(path: str | Path, device: str = "auto"
+                ) -> tuple[runs.Run, torch.nn.Module, dict[str, Any] | None]:
+    """(run, model, artifact manifest) of a run directory (its checkpoint; no manifest) or of a
+    packed artifact file (its dequantized round trip, with the run it was packed from)."""
+    from lmkit.core.artifact import load_artifact
+
+    path = Path(path)
+    dev = resolve_device(device)
+    if not path.is_file():
+        run = runs.load_run(path, dev)
+        return run, run.model, None
+    model, manifest = load_artifact(path, dev)
+    run = runs.load_run(find_run_dir(path, manifest), dev)
+    if asdict(run.model.cfg) != asdict(model.cfg):
+        raise LmkitError(f"artifact {path} was packed from a model with another config than "
+                         f"the run in {run.path}; re-pack it from that run")
+    return run, model, manifest
+
+
+def evaluate_artifact(path: str | Path, *, device: str = "auto", **scoring: Any) -> dict[str, Any]:
+    """``lmkit eval ARTIFACT``: score a packed artifact with its run's objective and data."""
+    path = Path(path)
+    run, model, manifest = load_target(path, device)
+    if manifest is None:
+        raise LmkitError(f"{path} is a run directory, not a packed artifact")
+    result = evaluate_loaded(run, model=model, **scoring)
+    result["artifact"] = artifact_entry(path, manifest)
+    return result
+
+
+def artifact_entry(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What an evaluation of an artifact records about the file."""
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size,
+            "bits": manifest.get("bits"), "method": manifest.get("method"),
+            "compression": manifest.get("compression"),
+            "pruned_values": manifest.get("pruned_values")}
+
+
+def evaluate_target(path: str | Path, *, device: str = "auto", judge: str | Path | None = None,
+                    generation: dict[str, Any] | None = None, **scoring: Any) -> dict[str, Any]:
+    """``lmkit eval PATH [--gen --judge AR_RUN]``: score a run or an artifact, optionally add
+    generation metrics of its samples under ``judge`` (``generation``: sampler, num, length,
+    steps), and write a run's ``eval.json`` once, with everything in it."""
+    path = Path(path)
+    if not path.exists():
+        raise LmkitError(f"{path} does not exist: pass a run directory or a packed artifact")
+    run, model, manifest = load_target(path, device)
+    if generation is not None:
+        from lmkit.core.genmetrics import check_judge
+
+        if judge is None:
+            raise LmkitError("--gen needs --judge AR_RUN: an AR run trained with the same "
+                             "tokenizer scores the samples")
+        check_judge(run.path, judge)  # fail before a long evaluation
+    result = evaluate_loaded(run, model=model, **scoring)
+    if manifest is not None:
+        result["artifact"] = artifact_entry(path, manifest)
+    if generation is not None:  # writes eval.json, with the generation metrics in it
+        from lmkit.core.genmetrics import add_generation_metrics
+
+        return add_generation_metrics(result, judge, device=device, seed=scoring.get("seed"),
+                                      **generation)
+    if manifest is None:
+        runs.write_json(run.path / runs.EVAL_FILE, result)
+    return result

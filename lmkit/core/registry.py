@@ -32,7 +32,7 @@ BUILTIN_PLUGINS = (
 KINDS = {
     # hook name -> (kind, attributes every registered object must have)
     "register_objectives": ("objective", None),
-    "register_samplers": ("sampler", ("name", "description", "objectives", "sample")),
+    "register_samplers": ("sampler", ("name", "description", "sample")),
     "register_corpora": ("corpus", ("name", "description", "documents")),
 }
 
@@ -152,6 +152,8 @@ class Registry:
         else:
             required = next(attrs for k, attrs in KINDS.values() if k == kind)
         missing = [a for a in required if not hasattr(obj, a)]
+        if kind == "sampler" and not (hasattr(obj, "requires") or hasattr(obj, "objectives")):
+            missing.append("objectives (names it serves) or requires (capabilities)")
         name = getattr(obj, "name", None)
         if missing or not isinstance(name, str) or not name:
             raise TypeError(

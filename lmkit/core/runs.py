@@ -8,6 +8,7 @@
       tokenizer.model    copy of the tokenizer the run was trained with
       metrics.jsonl      one JSON record per log step and per validation
       checkpoint/        model.safetensors, optim.safetensors, state.json
+      val.bin            the validation stream, when small (so evaluation needs only the run)
       eval.json          the latest `lmkit eval` result
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -27,8 +27,19 @@ from typing import Any
 import torch
 
 from lmkit import __version__
+from lmkit.core import atomic
 from lmkit.core import config as config_mod
+from lmkit.core.build import Setup, build
 from lmkit.core.checkpoint import CHECKPOINT_DIR, load_model_weights, read_json, read_state
+from lmkit.core.data import (
+    DataSource,
+    load_stream,
+    load_val_tokens,
+    open_data,
+    read_shard_header,
+    write_shard,
+)
+from lmkit.core.tokenizer import Tokenizer
 from lmkit.errors import LmkitError
 from lmkit.protocols import TokenSpec
 
@@ -37,6 +48,8 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 TOKENIZER_FILE = "tokenizer.model"
+VAL_FILE = "val.bin"  # the run's own copy of the validation stream (a one-file shard)
+RUN_VAL_MAX_TOKENS = 8_000_000  # copied when at most this many tokens (16 MB); else recorded
 
 
 def default_run_dir(objective: str, preset: str) -> Path:
@@ -81,10 +94,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (see :mod:`lmkit.core.atomic`)."""
+    atomic.write_json(path, data)
 
 
 class MetricsLog:
@@ -113,45 +124,82 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@dataclass
-class Run:
-    """A trained run, loaded back from its directory (see :func:`load_run`)."""
+@dataclass(kw_only=True)
+class Run(Setup):
+    """A trained run loaded back from its directory (see :func:`load_run`): its built objective
+    and model (a :class:`~lmkit.core.build.Setup`) plus what the directory records."""
 
     path: Path
-    config: config_mod.RunConfig
     meta: dict[str, Any]
     state: dict[str, Any]
-    tokens: TokenSpec
-    objective: Any
-    model: torch.nn.Module
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / TOKENIZER_FILE
+        return self.tokenizer.path
+
+    @property
+    def data_dir(self) -> Path:
+        """The data directory the run was trained on (as recorded, absolute)."""
+        return Path(self.meta["data"]["dir"])
+
+    def open_data(self, data_dir: str | Path | None = None) -> DataSource:
+        """The run's data (or ``data_dir``, if it moved), checked against the run's tokenizer."""
+        if self.data is None or data_dir is not None:
+            where = Path(data_dir) if data_dir is not None else self.data_dir
+            if data_dir is None and not where.is_dir():
+                raise LmkitError(
+                    f"run {self.path} was trained on {where}, which no longer exists; pass "
+                    "--data DIR (shards made with the run's tokenizer, sha256 "
+                    f"{self.tokenizer.sha256[:12]}...)")
+            self.data = open_data(where, self.tokenizer)
+        return self.data
+
+    def _own_val(self, data_dir: str | Path | None) -> Path | None:
+        own = self.path / VAL_FILE
+        return own if data_dir is None and own.is_file() else None
+
+    def val_tokens(self, max_tokens: int | None = None,
+                   data_dir: str | Path | None = None) -> torch.Tensor:
+        """Validation tokens: from ``data_dir`` if given, else the run's own copy
+        (``RUN/val.bin``, so evaluation needs nothing outside the run), else its data."""
+        own = self._own_val(data_dir)
+        if own is not None:
+            return load_stream([own], self.tokens.vocab_size, max_tokens)
+        return load_val_tokens(self.open_data(data_dir), max_tokens)
+
+    def val_origin(self, data_dir: str | Path | None = None) -> str:
+        """Where :meth:`val_tokens` reads from (recorded with every evaluation)."""
+        own = self._own_val(data_dir)
+        return str((own or Path(data_dir or self.data_dir)).resolve())
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """Rebuild objective and model from a run directory and load its latest checkpoint."""
-    from lmkit.core.registry import get_objective
-    from lmkit.core.trunk import Transformer
-
     run_dir = Path(path)
-    meta_path = run_dir / RUN_FILE
     if not run_dir.is_dir():
         raise LmkitError(f"run directory {run_dir} does not exist")
-    meta = read_json(meta_path,
+    meta = read_json(run_dir / RUN_FILE,
                      f"{run_dir} is not an lmkit run directory ({RUN_FILE} is missing)")
     cfg = config_mod.from_dict(meta["config"])
-    entry = get_objective(cfg.objective)
-    tokens = TokenSpec(**meta["tokens"])
-    options = config_mod.build_options(entry.obj.Options, cfg.options, "options")
-    objective = entry.obj(options, tokens)
-    model_cfg = config_mod.model_config_from_dict(meta["model"]["config"])
-    model = Transformer(model_cfg, tokens.vocab_size, len(tokens.special))
+    tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE, "the run's tokenizer copy")
+    setup = build(cfg, tokenizer=tokenizer, tokens=TokenSpec(**meta["tokens"]),
+                  model_cfg=config_mod.model_config_from_dict(meta["model"]["config"]),
+                  device=device)
     state = read_state(run_dir)
-    load_model_weights(run_dir, model)
-    model.to(torch.device(device)).eval()
-    return Run(run_dir, cfg, meta, state, tokens, objective, model)
+    load_model_weights(run_dir, setup.model)
+    setup.model.eval()
+    fields = {f.name: getattr(setup, f.name) for f in dataclasses.fields(Setup)}
+    return Run(**fields, path=run_dir, meta=meta, state=state)
+
+
+def write_val_copy(run_dir: Path, data: DataSource) -> bool:
+    """Copy the validation stream into the run when it is small (``RUN_VAL_MAX_TOKENS``), so the
+    run is evaluated from its own files even after the data directory moves."""
+    total = sum(read_shard_header(p) for p in data.val_shards)
+    if total > RUN_VAL_MAX_TOKENS:
+        return False
+    write_shard(run_dir / VAL_FILE, load_val_tokens(data).numpy())
+    return True
 
 
 def has_checkpoint(run_dir: Path) -> bool:

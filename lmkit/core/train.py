@@ -8,29 +8,26 @@ position, so a resumed run follows the uninterrupted one step for step.
 from __future__ import annotations
 
 import dataclasses
-import math
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from lmkit.core import atomic, runs
 from lmkit.core import config as config_mod
-from lmkit.core import runs
-from lmkit.core.bpb import ByteLUT, Metric
+from lmkit.core.build import Setup, batch_geometry, build
 from lmkit.core.checkpoint import load_checkpoint, save_checkpoint
 from lmkit.core.config import RunConfig
 from lmkit.core.data import DataSource, RotatingLoader, load_val_tokens
-from lmkit.core.device import autocast, resolve_device, resolve_dtype, synchronize
+from lmkit.core.device import synchronize
+from lmkit.core.evaluate import run_evaluation
 from lmkit.core.optim import build_optimizers, set_schedule
 from lmkit.core.perf import measure_peak_flops
-from lmkit.core.registry import get_objective
-from lmkit.core.trunk import Transformer, count_params, flops_per_token
+from lmkit.core.trunk import count_params, flops_per_token
 from lmkit.errors import LmkitError
-from lmkit.protocols import Batch, EvalContext, TokenSpec
+from lmkit.protocols import Batch
 
 
 class TrainObserver(Protocol):
@@ -73,58 +70,6 @@ def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_frac: 
     return mult
 
 
-@dataclass
-class Setup:
-    """Everything built from a config, shared by training, evaluation and benchmarks."""
-
-    cfg: RunConfig
-    device: torch.device
-    dtype: str
-    data: DataSource
-    tokens: TokenSpec
-    objective: Any
-    model_cfg: Any
-    model: Transformer
-    lut: ByteLUT
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def autocast(self) -> Callable[[], Any]:
-        return autocast(self.device, self.dtype)
-
-
-def build(cfg: RunConfig, data: DataSource) -> Setup:
-    """Objective + model + byte LUT for ``cfg`` on ``data``; validates the objective's options."""
-    entry = get_objective(cfg.objective)
-    cls = entry.obj
-    device = resolve_device(cfg.train.device)
-    dtype = resolve_dtype(cfg.train.dtype, device)
-    specials = tuple(cls.special_tokens)
-    tokens = TokenSpec(
-        vocab_size=data.vocab_size,
-        bos_id=data.bos_id,
-        special={name: data.vocab_size + i for i, name in enumerate(specials)},
-    )
-    options = config_mod.build_options(cls.Options, cfg.options, "options")
-    cfg.options = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
-    objective = cls(options, tokens)
-    model_cfg = objective.configure_model(dataclasses.replace(cfg.model))
-    model_cfg.seq_len = max(model_cfg.seq_len, cfg.train.seq_len)
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(model_cfg, tokens.vocab_size, len(specials)).to(device)
-    lut = ByteLUT.from_sentencepiece(data.tokenizer_path, size=model.padded_vocab).to(device)
-    return Setup(cfg, device, dtype, data, tokens, objective, model_cfg, model, lut)
-
-
-def batch_geometry(cfg: RunConfig) -> tuple[int, int, int]:
-    """(sequences per micro-batch, micro-batches per step, tokens per optimizer step)."""
-    t = cfg.train
-    seqs_per_step = max(1, t.batch_tokens // t.seq_len)
-    micro = min(t.micro_batch or seqs_per_step, seqs_per_step)
-    accum = math.ceil(seqs_per_step / micro)
-    return micro, accum, accum * micro * t.seq_len
-
-
 def train_step(setup: Setup, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                loader: RotatingLoader, accum: int, step: int) -> float:
     """One optimizer step over ``accum`` micro-batches; returns the mean loss."""
@@ -144,44 +89,21 @@ def train_step(setup: Setup, model: torch.nn.Module, optimizers: list[torch.opti
     return float(loss_sum) / accum  # one sync per step keeps the clock honest
 
 
-def eval_context(setup: Setup, val_tokens: torch.Tensor, purpose: str, options: Any,
-                 batch_size: int, seed: int | None = None) -> EvalContext:
-    return EvalContext(
-        val_tokens=val_tokens, seq_len=setup.cfg.train.seq_len, batch_size=batch_size,
-        device=setup.device, autocast=setup.autocast, lut=setup.lut, tokens=setup.tokens,
-        seed=setup.cfg.train.seed if seed is None else seed, purpose=purpose, options=options,
-        precision=setup.dtype,
-    )
-
-
-def run_evaluation(model: torch.nn.Module, objective: Any, ctx: EvalContext) -> list[Metric]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            metrics = objective.evaluate(model, ctx)
-    finally:
-        model.train(was_training)
-    for m in metrics:
-        if not isinstance(m, Metric):
-            raise TypeError(f"objective {objective.name!r} returned {type(m).__name__}, not Metric")
-    return metrics
-
-
-def _write_run_files(run_dir: Path, setup: Setup) -> None:
+def _write_run_files(run_dir: Path, setup: Setup, data: DataSource) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / runs.CONFIG_FILE).write_text(config_mod.to_toml(setup.cfg))
-    shutil.copyfile(setup.data.tokenizer_path, run_dir / runs.TOKENIZER_FILE)
+    atomic.write_text(run_dir / runs.CONFIG_FILE, config_mod.to_toml(setup.cfg))
+    atomic.write_bytes(run_dir / runs.TOKENIZER_FILE, setup.tokenizer.path.read_bytes())
+    runs.write_val_copy(run_dir, data)
     runs.write_json(run_dir / runs.RUN_FILE, {
         "format": "lmkit-run/1",
         "objective": setup.cfg.objective,
         "config": config_mod.to_dict(setup.cfg),
-        "model": runs.model_meta(setup.model_cfg, setup.model),
+        "model": runs.model_meta(setup.model.cfg, setup.model),
         "tokens": {"vocab_size": setup.tokens.vocab_size, "bos_id": setup.tokens.bos_id,
                    "special": dict(setup.tokens.special)},
-        "data": setup.data.describe(),
+        "data": data.describe(),
         "environment": runs.environment(setup.device),
-        "precision": setup.dtype,
+        "precision": setup.precision,
     })
 
 
@@ -200,10 +122,7 @@ def train(
     model, objective, device = setup.model, setup.objective, setup.device
     optimizers = build_optimizers(model, cfg.optim)
     micro, accum, tokens_per_step = batch_geometry(cfg)
-    loader = RotatingLoader(
-        data.train_shards, batch_size=micro, seq_len=t.seq_len, seed=t.seed,
-        group_size=cfg.data.group_size, vocab_size=data.vocab_size,
-    )
+    loader = setup.loader(micro)
     val_tokens = load_val_tokens(data, t.val_tokens or None)
     budget = Budget(t.steps, t.tokens, t.time)
     log = runs.MetricsLog(run_dir / runs.METRICS_FILE)
@@ -220,23 +139,22 @@ def train(
                 f"{run_dir} already exists and is not empty; pass --resume auto to continue it "
                 f"or choose another --out"
             )
-    _write_run_files(run_dir, setup)
+    _write_run_files(run_dir, setup, data)
 
     step_model = torch.compile(model) if t.compile else model
     n_params = count_params(model)
-    flops_tok = flops_per_token(setup.model_cfg, n_params, t.seq_len, data.vocab_size)
-    peak = measure_peak_flops(device, setup.dtype)
+    flops_tok = flops_per_token(model.cfg, n_params, t.seq_len, data.vocab_size)
+    peak = measure_peak_flops(device, setup.precision)
     info = {
         "run_dir": str(run_dir), "objective": cfg.objective, "preset": cfg.preset,
-        "params": n_params, "device": str(device), "precision": setup.dtype,
+        "params": n_params, "device": str(device), "precision": setup.precision,
         "tokens_per_step": tokens_per_step, "accum": accum, "budget": dataclasses.asdict(budget),
         "resumed_at": step if resume else None, "peak_flops": peak,
     }
     observer.on_start(info)
 
     def validate() -> list[dict[str, Any]]:
-        ctx = eval_context(setup, val_tokens, "validation",
-                           config_mod.build_options(objective.EvalOptions, {}, "eval"), micro)
+        ctx = setup.eval_context(val_tokens, purpose="validation")
         metrics = [m.to_dict() for m in run_evaluation(model, objective, ctx)]
         record = {"type": "val", "step": step, "tokens": tokens_seen,
                   "seconds": train_seconds, "metrics": metrics}

@@ -53,7 +53,6 @@ class ModelConfig:
     causal: bool = True  # False = bidirectional
     time_cond: bool = False  # AdaLN conditioning on a per-sequence scalar (e.g. sigma or t)
     cond_dim: int = 128  # width of the time embedding (its MLP's hidden layer is 4x wider)
-    seq_len: int = 1024  # max positions for RoPE cache (grows lazily)
 
 
 ACTIVATIONS = ("relu2", "gelu")
@@ -81,8 +80,6 @@ def check_config(cfg: ModelConfig, vocab_size: int, n_special: int = 0) -> None:
         raise bad("logit_softcap", f"got {cfg.logit_softcap}; use 0 (off) or a positive cap")
     if cfg.time_cond and cfg.cond_dim < 1:
         raise bad("cond_dim", f"got {cfg.cond_dim}; time conditioning needs a positive width")
-    if cfg.seq_len < 1:
-        raise bad("seq_len", f"got {cfg.seq_len}; use a positive length")
     if vocab_size < 1 or n_special < 0:
         raise LmkitError(
             f"vocab_size={vocab_size}, n_special={n_special} is invalid: "
@@ -292,7 +289,10 @@ class Transformer(nn.Module):
     MASK or PAD: they have embedding rows but no output logits, so the model never predicts them.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, n_special: int = 0):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_special: int = 0,
+                 context: int = 1024):
+        """``context``: positions the RoPE tables start with (the run's ``train.seq_len``);
+        they grow if a longer sequence shows up, with the same values."""
         super().__init__()
         check_config(cfg, vocab_size, n_special)
         self.cfg = cfg
@@ -312,7 +312,7 @@ class Transformer(nn.Module):
             self.register_parameter("skip_weights", None)
         # An untied head has a row per embedding row (padded); logits are sliced to vocab_size.
         self.head = None if cfg.tie_embeddings else zero_linear(d, self.padded_vocab)
-        self.rotary = Rotary(d // cfg.n_head, cfg.rope_base, cfg.seq_len)
+        self.rotary = Rotary(d // cfg.n_head, cfg.rope_base, context)
         if cfg.tie_embeddings:
             nn.init.normal_(self.embed.weight, mean=0.0, std=cfg.embed_init_std)
 

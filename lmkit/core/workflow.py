@@ -81,10 +81,17 @@ def plugin_listing(include_builtins: bool = False) -> list[dict[str, Any]]:
 
 
 def entry_listing(kind: str) -> list[dict[str, Any]]:
+    """Registered objectives / samplers / corpora; a sampler also lists the objectives it
+    serves now (and the capabilities it requires)."""
+    from lmkit.core.generate import served_by
+
     registry = get_registry()
-    return [
-        {"name": e.name, "description": e.description, "plugin": e.plugin,
-         "distribution": e.distribution, "version": e.version,
-         **({"objectives": list(e.obj.objectives)} if hasattr(e.obj, "objectives") else {})}
-        for e in sorted(registry.entries[kind].values(), key=lambda e: e.name)
-    ]
+    rows = []
+    for e in sorted(registry.entries[kind].values(), key=lambda e: e.name):
+        row = {"name": e.name, "description": e.description, "plugin": e.plugin,
+               "distribution": e.distribution, "version": e.version}
+        if kind == "sampler":
+            row["objectives"] = served_by(e)
+            row["requires"] = list(getattr(e.obj, "requires", ()))
+        rows.append(row)
+    return rows

@@ -46,6 +46,7 @@ class MaskReconObjective:
     name = "maskrecon"
     description = "fixed-t masked reconstruction (PR #1596), no time input; its score + bounds"
     special_tokens: tuple[str, ...] = ("MASK", "PAD")
+    capabilities = ("masked",)  # exposes a MaskedSpec as `spec`: the masked samplers serve it
     Options = MaskReconOptions
     EvalOptions = MaskReconEvalOptions
 

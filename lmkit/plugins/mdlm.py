@@ -62,6 +62,7 @@ class MDLMObjective:
     name = "mdlm"
     description = "masked diffusion (MDLM): continuous-time NELBO, weight 1/t; bounds, chain rule"
     special_tokens: tuple[str, ...] = ("MASK", "PAD")
+    capabilities = ("masked",)  # exposes a MaskedSpec as `spec`: the masked samplers serve it
     Options = MDLMOptions
     EvalOptions = MaskedEvalOptions
 

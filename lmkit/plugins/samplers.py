@@ -3,10 +3,12 @@
 Registered through ``register_samplers`` like any third-party sampler. Every random draw comes
 from ``ctx.generator`` in float64 (see :mod:`lmkit.core.sampling`), so a seed fixes the output.
 
-The diffusion samplers work with any objective that exposes a
-:class:`~lmkit.core.masking.MaskedSpec` as ``objective.spec`` (``mdlm``, ``maskrecon``); the
-model is conditioned on ``spec.cond(t)`` (σ(t) for a time-conditioned MDLM, nothing for
-``maskrecon``). The trunk has no logits for MASK or PAD, so neither can ever be drawn.
+Samplers say what they need, not which objectives they serve: the diffusion samplers require the
+``masked`` capability (an objective that declares it exposes a
+:class:`~lmkit.core.masking.MaskedSpec` as ``objective.spec``: ``mdlm``, ``maskrecon`` or any
+third-party masked objective); the model is conditioned on ``spec.cond(t)`` (σ(t) for a
+time-conditioned MDLM, nothing for ``maskrecon``). The trunk has no logits for MASK or PAD, so
+neither can ever be drawn. The AR sampler requires ``next_token`` (exact next-token logits).
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ class ARSamplerOptions:
 class ARSampler:
     name = "ar"
     description = "ancestral next-token sampling (temperature, top-k, top-p) with a KV cache"
-    objectives = ("ar",)
+    requires = ("next_token",)
     Options = ARSamplerOptions
+    bench_variants = {"ar (kv cache)": {"use_cache": True}, "ar (no cache)": {"use_cache": False}}
 
     def sample(self, model: Transformer, ctx: SampleContext) -> SampleResult:
         use_cache = ctx.options.use_cache if ctx.options is not None else True
@@ -103,7 +106,7 @@ class DDPMSampler:
 
     name = "ddpm"
     description = "MDLM ancestral sampling, SUBS posterior, T steps (one model call per step)"
-    objectives = ("mdlm", "maskrecon")
+    requires = ("masked",)
     skip_idle_steps = False
 
     def sample(self, model: Transformer, ctx: SampleContext) -> SampleResult:
@@ -142,6 +145,7 @@ class DDPMCacheSampler(DDPMSampler):
     name = "ddpm_cache"
     description = "ddpm that skips the model call on steps that reveal nothing (same tokens)"
     skip_idle_steps = True
+    same_tokens_as = "ddpm"
 
 
 @dataclass
@@ -176,7 +180,7 @@ class ConfidenceSampler:
 
     name = "confidence"
     description = "reveal the most confident masked positions first (MaskGIT/LLaDA), S steps"
-    objectives = ("mdlm", "maskrecon")
+    requires = ("masked",)
     Options = ConfidenceOptions
 
     def sample(self, model: Transformer, ctx: SampleContext) -> SampleResult:

@@ -1,4 +1,4 @@
-"""``lmkit bench``: throughput measured side by side in one process, so ratios are trustworthy."""
+"""``lmkit bench train``: training throughput, fp32 and bf16 side by side in one process."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
+from lmkit.core.build import batch_geometry, build
 from lmkit.core.config import resolve_config
-from lmkit.core.data import RotatingLoader
 from lmkit.core.datasets import open_for_training
 from lmkit.core.device import synchronize
 from lmkit.core.optim import build_optimizers
 from lmkit.core.perf import measure_peak_flops
-from lmkit.core.train import batch_geometry, build, train_step
+from lmkit.core.train import train_step
 from lmkit.core.trunk import count_params, flops_per_token
 
 
@@ -37,8 +37,7 @@ def bench_train(
         setup = build(cfg, data)
         optimizers = build_optimizers(setup.model, cfg.optim)
         micro, accum, tokens_per_step = batch_geometry(cfg)
-        loader = RotatingLoader(data.train_shards, batch_size=micro, seq_len=cfg.train.seq_len,
-                                seed=cfg.train.seed, vocab_size=data.vocab_size)
+        loader = setup.loader(micro)
         setup.model.train()
         device_used = str(setup.device)
         for i in range(warmup):
@@ -51,7 +50,7 @@ def bench_train(
         seconds = time.perf_counter() - t0
         tok_s = steps * tokens_per_step / seconds
         n_params = count_params(setup.model)
-        flops_tok = flops_per_token(setup.model_cfg, n_params, cfg.train.seq_len, data.vocab_size)
+        flops_tok = flops_per_token(setup.model.cfg, n_params, cfg.train.seq_len, data.vocab_size)
         peak = measure_peak_flops(setup.device, precision)
         rows.append({
             "precision": precision, "tok_s": tok_s, "step_seconds": seconds / steps,
@@ -71,24 +70,3 @@ def bench_train(
         "mfu_note": "model FLOPs/s (6N + attention per token) over the best square-matmul FLOP/s "
                     "measured in this process at the same precision",
     }
-
-
-def bench_eval(run_dir: str, *, max_tokens: int | None = None,
-               options: dict[str, Any] | None = None, device: str = "auto") -> dict[str, Any]:
-    """Cost of each estimator of a run's evaluation: seconds and model calls per 1M tokens."""
-    from lmkit.core.evaluate import evaluate_run
-
-    result = evaluate_run(run_dir, max_tokens=max_tokens, options=options, device=device)
-    by_name = {m["name"]: m for m in result["metrics"]}
-    rows = []
-    for cost in result["costs"]:
-        m = by_name[cost["metric"]]
-        per_m = 1e6 / m["tokens"]
-        rows.append({
-            "metric": m["name"], "kind": m["kind"], "value": m["value"], "stderr": m["stderr"],
-            "tokens": m["tokens"], "seconds": cost["seconds"], "model_calls": cost["model_calls"],
-            "seconds_per_1m_tokens": cost["seconds"] * per_m,
-            "model_calls_per_1m_tokens": cost["model_calls"] * per_m,
-        })
-    return {"benchmark": "eval", "run": result["run"], "objective": result["objective"],
-            "precision": result["precision"], "threads": torch.get_num_threads(), "rows": rows}
