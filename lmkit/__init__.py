@@ -5,7 +5,10 @@ only ever added): ``hookimpl`` (decorate hook implementations), the protocols an
 of :mod:`lmkit.protocols` (``Objective``, ``Batch``, ``LossOutput``, ``EvalContext``,
 ``TokenSpec``, ``Sampler``, ``SampleContext``, ``SampleResult``), ``Metric`` / ``BpbMeter`` /
 ``ByteLUT`` (what ``EvalContext.meter`` and ``EvalContext.lut`` are), the trunk
-(``ModelConfig``, ``Transformer``), ``load_run``, ``LmkitError``, and the contract test kit
+(``ModelConfig``, ``Transformer``), ``load_run``, ``LmkitError``, ``Tokenizer``, the shared
+masked-diffusion helpers of :mod:`lmkit.core.masking` (``MaskedSpec``, ``masked_spec``,
+``training_rows``, ``mask_tokens``, ``masked_nats``, ``evaluate_masked``, …), the samplers'
+seeded draws (``make_generator``, ``sample_tokens``) and the contract test kit
 :mod:`lmkit.testing`. Heavy modules (torch) load only when a name that needs them is used.
 """
 
@@ -33,6 +36,21 @@ _LAZY = {
     "Transformer": "lmkit.core.trunk",
     "load_run": "lmkit.core.runs",
     "LmkitError": "lmkit.errors",
+    "Tokenizer": "lmkit.core.tokenizer",
+    # the absorbing-mask machinery every masked objective shares (declare the "masked"
+    # capability and expose `spec` to get the masked samplers and estimators)
+    "MaskedSpec": "lmkit.core.masking",
+    "LogLinearSchedule": "lmkit.core.masking",
+    "MaskedEvalOptions": "lmkit.core.masking",
+    "masked_spec": "lmkit.core.masking",
+    "training_rows": "lmkit.core.masking",
+    "stratified_times": "lmkit.core.masking",
+    "mask_tokens": "lmkit.core.masking",
+    "masked_nats": "lmkit.core.masking",
+    "evaluate_masked": "lmkit.core.masking",
+    # seeded float64 draws for samplers
+    "make_generator": "lmkit.core.sampling",
+    "sample_tokens": "lmkit.core.sampling",
 }
 
 __all__ = ["__version__", "hookimpl", *_LAZY]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -291,7 +292,7 @@ def test_loader_rotation_visits_every_shard_with_one_buffer(tmp_path: Path, monk
         loads.append(Path(path).name)
         return real_load(path, out)
 
-    monkeypatch.setattr(D, "load_shard", spy)
+    monkeypatch.setattr(D.loader, "load_shard", spy)
     loader = RotatingLoader(shards, batch_size=2, seq_len=25, seed=7, group_size=2)
     buffer = loader.buffer
     assert len(buffer) == 320 + 300  # the two largest shards: the biggest group possible
@@ -311,7 +312,7 @@ def test_single_group_is_loaded_once(tmp_path: Path, monkeypatch) -> None:
     d = make_dir(tmp_path, [np.arange(200), np.arange(200, 300)], [np.arange(5)])
     calls = []
     real_load = D.load_shard
-    monkeypatch.setattr(D, "load_shard", lambda p, out=None: calls.append(p) or real_load(p, out))
+    monkeypatch.setattr(D.loader, "load_shard", lambda p, out=None: calls.append(p) or real_load(p, out))
     loader = RotatingLoader(find_shards(d, "train"), batch_size=1, seq_len=50, seed=0)
     firsts = [loader.next_batch()[0, 0].item() for _ in range(20)]
     assert loader.state_dict()["epoch"] == 3 and len(calls) == 2
@@ -425,7 +426,7 @@ def test_tokenizer_trains_on_single_huge_lines(tmp_path: Path, monkeypatch) -> N
     model = train_tokenizer(docs, tmp_path / "t.model", vocab_size=400)
     sp = spm.SentencePieceProcessor(model_file=str(model))
     assert sp.encode("lorem ipsum", out_type=str) == ["lorem", "▁ipsum"]  # whole words learned
-    monkeypatch.setattr(D, "chunk_line", lambda line, limit=0: [line])
+    monkeypatch.setattr(D.bpe, "chunk_line", lambda line, limit=0: [line])
     with pytest.raises(LmkitError, match="tokenizer training failed"):
         train_tokenizer(docs, tmp_path / "u.model", vocab_size=400)
 
@@ -561,7 +562,9 @@ def test_default_data_dir_and_ensure_prepared(tmp_path: Path, monkeypatch) -> No
     out = tmp_path / "cache"
     calls = []
     real = D.prepare_data
-    monkeypatch.setattr(D, "prepare_data", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prepare_mod = sys.modules["lmkit.core.data.prepare"]
+    monkeypatch.setattr(prepare_mod, "prepare_data",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     assert ensure_prepared(ListCorpus("c", docs), out_dir=out) == out
     assert ensure_prepared(ListCorpus("c", docs), out_dir=out) == out
     assert len(calls) == 1 and (out / "manifest.json").is_file()

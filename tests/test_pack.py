@@ -258,3 +258,12 @@ def test_pack_int6_for_masked_objectives(tiny_data, tmp_path, objective):
     for before, after in zip(result["metrics_before"], result["metrics"], strict=True):
         assert (before["tokens"], before["bytes"]) == (after["tokens"], after["bytes"])
         assert abs(after["value"] - before["value"]) < 0.1
+
+
+def test_sample_accepts_an_artifact(ar_run, packed6):
+    from lmkit.core.generate import sample_run
+
+    from_artifact = sample_run(packed6["artifact"], num=2, length=6, device="cpu")
+    from_run = sample_run(ar_run, num=2, length=6, device="cpu")
+    assert [len(s["token_ids"]) for s in from_artifact] == [6, 6]
+    assert from_artifact[0]["sampler"] == from_run[0]["sampler"] == "ar"

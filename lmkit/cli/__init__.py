@@ -60,7 +60,7 @@ def data_prepare(corpus: str, tokenizer: Path | None, vocab_size: int, out: Path
 
     Writes `<name>_train_*.bin`, `<name>_val_*.bin`, `tokenizer.model` and `manifest.json`.
     """
-    from lmkit.core.datasets import prepare
+    from lmkit.core.data import prepare
 
     manifest = prepare(corpus, out=out, tokenizer=tokenizer, vocab_size=vocab_size,
                        val_fraction=val_fraction, split_seed=split_seed,
@@ -124,7 +124,7 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
     saved as RUN/config.toml; `lmkit train --config RUN/config.toml` repeats the run, and
     `lmkit train --resume RUN [--steps N]` continues it exactly where it stopped.
     """
-    from lmkit.core.datasets import open_for_training
+    from lmkit.core.data import open_for_training
     from lmkit.core.train import train as train_run
     from lmkit.core.workflow import plan_training
 

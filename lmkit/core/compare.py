@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from lmkit.core import runs
 from lmkit.core.build import batch_geometry
 from lmkit.core.config import resolve_config
-from lmkit.core.datasets import open_for_training
+from lmkit.core.data import open_for_training
 from lmkit.core.evaluate import evaluate_run
 from lmkit.core.registry import get_objective
 from lmkit.core.train import NullObserver, TrainObserver, train

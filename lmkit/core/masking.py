@@ -118,6 +118,27 @@ def document_layout(x0: Tensor, spec: MaskedSpec) -> Tensor:
     return torch.cumsum(is_bos.int(), dim=1) == 0
 
 
+def masked_spec(tokens: Any, eps: float, time_input: str | None, anchor_bos: bool,
+                documents: bool) -> MaskedSpec:
+    """The spec of an objective whose special tokens include ``MASK`` and ``PAD``."""
+    if not 0 < eps < 1:
+        raise LmkitError(f"options.eps must be in (0, 1), got {eps}")
+    return MaskedSpec(
+        mask_id=tokens["MASK"], vocab_size=tokens.vocab_size, bos_id=tokens.bos_id,
+        pad_id=tokens["PAD"], schedule=LogLinearSchedule(eps), time_input=time_input,
+        anchor_bos=anchor_bos, documents=documents,
+    )
+
+
+def training_rows(batch: Any, spec: MaskedSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0 with PAD where invalid, maskable positions) from a batch of stream windows."""
+    x0 = batch.tokens[:, 1:]
+    valid = document_layout(x0, spec)
+    x0 = torch.where(valid, x0, torch.full_like(x0, spec.pad_id))
+    maskable = valid & ~(x0 == spec.bos_id) if spec.anchor_bos else valid
+    return x0, maskable
+
+
 def masked_nats(model: torch.nn.Module, xt: Tensor, x0: Tensor, masked: Tensor,
                 cond: Tensor | None) -> Tensor:
     """−log p(x₀ | x_t) at masked positions (0 elsewhere), float32, shape of x0.

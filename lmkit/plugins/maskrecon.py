@@ -21,12 +21,13 @@ from lmkit.core.masking import (
     evaluate_masked,
     mask_tokens,
     masked_nats,
+    masked_spec,
     row_batches,
     row_bytes,
+    training_rows,
 )
 from lmkit.core.trunk import ModelConfig, Transformer
 from lmkit.errors import LmkitError
-from lmkit.plugins.mdlm import masked_spec, training_rows
 from lmkit.protocols import Batch, EvalContext, LossOutput, TokenSpec
 
 RECON_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -11,22 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from lmkit import hookimpl
 from lmkit.core.bpb import Metric
 from lmkit.core.masking import (
-    LogLinearSchedule,
     MaskedEvalOptions,
-    MaskedSpec,
-    document_layout,
     evaluate_masked,
     mask_tokens,
     masked_nats,
+    masked_spec,
     stratified_times,
+    training_rows,
 )
 from lmkit.core.trunk import ModelConfig, Transformer
-from lmkit.errors import LmkitError
 from lmkit.protocols import Batch, EvalContext, LossOutput, TokenSpec
 
 
@@ -36,26 +32,6 @@ class MDLMOptions:
     time_cond: bool = True     # AdaLN conditioning on sigma(t) (off: a time-agnostic denoiser)
     anchor_bos: bool = False   # #1241: BOS is never masked (a given document anchor)
     documents: bool = False    # #1241: rows stop at the next document; PAD fills, unscored
-
-
-def masked_spec(tokens: TokenSpec, eps: float, time_input: str | None, anchor_bos: bool,
-                documents: bool) -> MaskedSpec:
-    if not 0 < eps < 1:
-        raise LmkitError(f"options.eps must be in (0, 1), got {eps}")
-    return MaskedSpec(
-        mask_id=tokens["MASK"], vocab_size=tokens.vocab_size, bos_id=tokens.bos_id,
-        pad_id=tokens["PAD"], schedule=LogLinearSchedule(eps), time_input=time_input,
-        anchor_bos=anchor_bos, documents=documents,
-    )
-
-
-def training_rows(batch: Batch, spec: MaskedSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0 with PAD where invalid, maskable positions) from a batch of stream windows."""
-    x0 = batch.tokens[:, 1:]
-    valid = document_layout(x0, spec)
-    x0 = torch.where(valid, x0, torch.full_like(x0, spec.pad_id))
-    maskable = valid & ~(x0 == spec.bos_id) if spec.anchor_bos else valid
-    return x0, maskable
 
 
 class MDLMObjective:

@@ -21,7 +21,7 @@ import torch
 from lmkit.core import runs
 from lmkit.core.build import build
 from lmkit.core.config import resolve_config
-from lmkit.core.datasets import open_for_training
+from lmkit.core.data import open_for_training
 from lmkit.core.device import resolve_device
 from lmkit.core.generate import SampleRequest, generate, samplers_for
 from lmkit.errors import LmkitError

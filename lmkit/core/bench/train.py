@@ -10,7 +10,7 @@ import torch
 
 from lmkit.core.build import batch_geometry, build
 from lmkit.core.config import resolve_config
-from lmkit.core.datasets import open_for_training
+from lmkit.core.data import open_for_training
 from lmkit.core.device import synchronize
 from lmkit.core.optim import build_optimizers
 from lmkit.core.perf import measure_peak_flops
