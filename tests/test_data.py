@@ -312,7 +312,8 @@ def test_single_group_is_loaded_once(tmp_path: Path, monkeypatch) -> None:
     d = make_dir(tmp_path, [np.arange(200), np.arange(200, 300)], [np.arange(5)])
     calls = []
     real_load = D.load_shard
-    monkeypatch.setattr(D.loader, "load_shard", lambda p, out=None: calls.append(p) or real_load(p, out))
+    monkeypatch.setattr(D.loader, "load_shard",
+                        lambda p, out=None: calls.append(p) or real_load(p, out))
     loader = RotatingLoader(find_shards(d, "train"), batch_size=1, seq_len=50, seed=0)
     firsts = [loader.next_batch()[0, 0].item() for _ in range(20)]
     assert loader.state_dict()["epoch"] == 3 and len(calls) == 2
