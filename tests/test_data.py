@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -563,8 +562,7 @@ def test_default_data_dir_and_ensure_prepared(tmp_path: Path, monkeypatch) -> No
     out = tmp_path / "cache"
     calls = []
     real = D.prepare_data
-    prepare_mod = sys.modules["lmkit.core.data.prepare"]
-    monkeypatch.setattr(prepare_mod, "prepare_data",
+    monkeypatch.setattr(D.pipeline, "prepare_data",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     assert ensure_prepared(ListCorpus("c", docs), out_dir=out) == out
     assert ensure_prepared(ListCorpus("c", docs), out_dir=out) == out

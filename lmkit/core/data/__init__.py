@@ -5,10 +5,9 @@
 - ``loader``: :class:`RotatingLoader`, batches from shard groups held in one buffer.
 - ``corpus``: the :class:`Corpus` protocol, in-memory and file corpora, ``--corpus`` resolution.
 - ``bpe``: training parameter-golf's SentencePiece BPE tokenizer.
-- ``prepare``: corpus -> tokenizer -> shards, the prepared-once cache and ``lmkit data prepare``.
+- ``pipeline``: corpus -> tokenizer -> shards, the prepared-once cache and ``lmkit data prepare``.
 
 Everything public is re-exported here, so ``from lmkit.core.data import X`` is the import to use.
-(``lmkit.core.data.prepare`` names the function; the module is reachable via ``sys.modules``.)
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from lmkit.core.data.corpus import (
     resolve_corpus,
 )
 from lmkit.core.data.loader import RotatingLoader
-from lmkit.core.data.prepare import (
+from lmkit.core.data.pipeline import (
     DEFAULT_CORPUS,
     DEFAULT_VOCAB,
     default_data_dir,
