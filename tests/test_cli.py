@@ -172,3 +172,15 @@ def test_pack_then_eval_the_artifact(data_copy, tmp_path, capsys):
     code, out, err = run_cli(["eval", packed["artifact"], "--max-tokens", "512", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["metrics"] == packed["metrics"]
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["train", "--help"]])
+def test_help_and_version_do_not_import_torch(args):
+    """Commands that need no model answer without importing torch (plugins load, but their
+    registration hooks, which import the objectives, run only when entries are needed)."""
+    code = ("import sys\nfrom lmkit.cli import main\n"
+            f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+            "sys.stdout.write('\\nTORCH' if 'torch' in sys.modules else '\\nNO-TORCH')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.rstrip().endswith("NO-TORCH"), out.stdout[-300:] + out.stderr[-300:]

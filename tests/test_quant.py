@@ -29,8 +29,8 @@ from lmkit.core.capfit import (
     fit_to_cap,
     prune_candidates,
 )
+from lmkit.core.defaults import DEFAULT_CAP_BYTES
 from lmkit.core.quant import (
-    DEFAULT_CAP_BYTES,
     dequantize_rows,
     gptq_quantize,
     quantize_int8_baseline,

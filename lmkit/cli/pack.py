@@ -8,11 +8,7 @@ import click
 
 from lmkit.cli.display import console, emit_json, metric_cell, output
 from lmkit.cli.options import objective_options, scoring_options
-
-# Mirrors of lmkit.core.quant.DEFAULT_CAP_BYTES and lmkit.core.pack.DEFAULT_CALIB_TOKENS, kept here
-# so `lmkit --help` does not import torch (a test checks they agree).
-DEFAULT_CAP_BYTES = 16_000_000
-DEFAULT_CALIB_TOKENS = 65_536
+from lmkit.core.defaults import DEFAULT_CALIB_TOKENS, DEFAULT_CAP_BYTES
 
 
 @click.command("pack")

@@ -24,10 +24,10 @@ from lmkit import __version__
 from lmkit.core import atomic, runs
 from lmkit.core.artifact import COMPRESSIONS, load_artifact
 from lmkit.core.capfit import fit_to_cap
+from lmkit.core.defaults import DEFAULT_CALIB_TOKENS, DEFAULT_CAP_BYTES
 from lmkit.core.device import resolve_device
 from lmkit.core.evaluate import Scoring, evaluate_loaded
 from lmkit.core.quant import (
-    DEFAULT_CAP_BYTES,
     KEEP_FLOAT_MAX_NUMEL,
     collect_hessians,
     quantize_model,
@@ -36,7 +36,6 @@ from lmkit.errors import LmkitError
 from lmkit.protocols import Batch
 
 PACK_FILE = "pack.json"
-DEFAULT_CALIB_TOKENS = 65_536
 Log = Callable[[str], None] | None
 
 

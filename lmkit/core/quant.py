@@ -36,7 +36,6 @@ from torch import Tensor
 
 from lmkit.errors import LmkitError
 
-DEFAULT_CAP_BYTES = 16_000_000  # decimal bytes, as parameter-golf counts them (not 16 MiB)
 KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors with at most this many elements stay fp16
 INT8_CLIP_Q = 0.9999984  # the baseline's row clip: 99.99984th percentile of |w|
 CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # the record's clip candidates

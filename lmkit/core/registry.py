@@ -4,6 +4,11 @@ Every registration goes through one callback that records which plugin (and dist
 version) registered it, validates it, and rejects duplicate names naming both plugins. A plugin
 that fails to import or register is rolled back with one warning; ``LMKIT_STRICT_PLUGINS=1``
 re-raises instead, and ``LMKIT_LOAD_PLUGINS=a,b`` restricts third-party plugins to an allow-list.
+
+Loading imports the plugin modules and registers them with pluggy; their registration hooks run
+(through pluggy, one plugin at a time, in load order) the first time anything asks for the
+registered entries. So a command that needs none (``lmkit --help``, ``--version``) costs only
+the plugin modules' own imports.
 """
 
 from __future__ import annotations
@@ -70,14 +75,24 @@ class Registry:
         self.pm = pluggy.PluginManager("lmkit")
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
-        self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind, _ in KINDS.values()}
+        self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind, _ in KINDS.values()}
+        self._pending: list[tuple[Any, PluginInfo]] = []  # attached, registration hooks not run
         self.failures: list[str] = []
+
+    @property
+    def entries(self) -> dict[str, dict[str, Entry]]:
+        """kind -> name -> Entry, after every loaded plugin's registration hooks have run."""
+        while self._pending:
+            plugin, info = self._pending.pop(0)
+            self._collect(plugin, info)
+        return self._entries
 
     # -- loading -----------------------------------------------------------------------------
     def load(self, builtins: tuple[str, ...] = BUILTIN_PLUGINS, entry_points: bool = True) -> None:
         for module_name in builtins:
             module = importlib.import_module(module_name)
-            self.add_plugin(module, module_name, "lmkit", __version__, builtin=True)
+            self._pending.append((module, self._attach(module, module_name, "lmkit", __version__,
+                                                       builtin=True)))
         if entry_points:
             self._load_entry_points()
         self.pm.check_pending()
@@ -96,12 +111,18 @@ class Registry:
             except Exception as exc:  # noqa: BLE001 - isolate any failure of third-party code
                 self._fail(f"entry point {ep.name!r} ({ep.value}) of {dist_name} {version}", exc)
                 continue
-            self.add_plugin(plugin, ep.name, dist_name, version, builtin=False)
+            self._pending.append((plugin, self._attach(plugin, ep.name, dist_name, version)))
 
     def add_plugin(
         self, plugin: Any, name: str, distribution: str, version: str, builtin: bool = False
     ) -> None:
-        """Register ``plugin`` and collect its registrations; roll it back if any hook raises."""
+        """Register ``plugin`` now and collect its registrations; roll it back if a hook raises."""
+        self.entries  # noqa: B018 - plugins loaded earlier register first, in load order
+        self._collect(plugin, self._attach(plugin, name, distribution, version, builtin))
+
+    def _attach(self, plugin: Any, name: str, distribution: str, version: str,
+                builtin: bool = False) -> PluginInfo:
+        """Register ``plugin`` with pluggy and record where it came from (no hook runs yet)."""
         if self.pm.get_plugin(name) is not None:
             raise LmkitError(f"two plugins are both named {name!r}; uninstall one of them")
         self.pm.register(plugin, name=name)
@@ -113,30 +134,34 @@ class Registry:
             if impl.plugin is plugin
         )
         self.plugins[name] = info
+        return info
+
+    def _collect(self, plugin: Any, info: PluginInfo) -> None:
+        """Run ``plugin``'s registration hooks (through pluggy, that plugin only)."""
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
         try:
             for hook_name, (kind, _) in KINDS.items():
-                for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                    if impl.plugin is plugin:
-                        impl.function(register=self._register_callback(kind, info))
+                caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+                caller(register=self._register_callback(kind, info))
         except LmkitError:
-            self._rollback(name)
+            self._rollback(info.name)
             raise
         except Exception as exc:  # noqa: BLE001 - isolate any failure of third-party code
-            self._rollback(name)
-            self._fail(f"plugin {name!r} of {distribution} {version}", exc)
+            self._rollback(info.name)
+            self._fail(f"plugin {info.name!r} of {info.distribution} {info.version}", exc)
 
     def _register_callback(self, kind: str, info: PluginInfo) -> Callable[[Any], None]:
         def register(obj: Any) -> None:
             self._validate(kind, obj, info)
             name = obj.name
-            existing = self.entries[kind].get(name)
+            existing = self._entries[kind].get(name)
             if existing is not None:
                 raise LmkitError(
                     f"{kind} {name!r} is registered twice: by plugin {existing.plugin!r} "
                     f"({existing.distribution} {existing.version}) and by plugin {info.name!r} "
                     f"({info.distribution} {info.version}); uninstall or rename one of them"
                 )
-            self.entries[kind][name] = Entry(
+            self._entries[kind][name] = Entry(
                 kind, name, obj, info.name, info.distribution, info.version,
                 str(getattr(obj, "description", "")),
             )
@@ -161,7 +186,7 @@ class Registry:
             )
 
     def _rollback(self, name: str) -> None:
-        for by_name in self.entries.values():
+        for by_name in self._entries.values():
             for entry_name in [n for n, e in by_name.items() if e.plugin == name]:
                 del by_name[entry_name]
         self.plugins.pop(name, None)

@@ -75,7 +75,9 @@ def _check_resumable(stored: RunConfig, new: RunConfig, run_dir: Path) -> None:
 
 
 def plugin_listing(include_builtins: bool = False) -> list[dict[str, Any]]:
+    """Installed plugins; their registration hooks run first, so a broken one is not listed."""
     registry = get_registry()
+    registry.entries  # noqa: B018
     return [dataclasses.asdict(p) for p in registry.plugins.values()
             if include_builtins or not p.builtin]
 

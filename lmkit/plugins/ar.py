@@ -1,111 +1,28 @@
-"""The autoregressive baseline: next-token cross-entropy, scored by exact negative log-likelihood.
+"""The built-in plugin that registers the autoregressive baseline objective (``ar``).
 
-Evaluation reproduces the parameter-golf protocol (non-overlapping ``seq_len`` windows) and adds
-sliding windows (``--stride S``: the first window scores all its targets, each later window only its
-last S, so every target is scored exactly once with at least ``seq_len - S`` tokens of context).
+It only registers: the code lives in :mod:`lmkit.builtin.ar`, imported when the hook
+runs, so loading plugins (``lmkit --help``, ``--version``) never imports torch. A third-party
+plugin can keep its entry-point module light the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import Any
 
 from lmkit import hookimpl
-from lmkit.core.bpb import Metric
-from lmkit.core.trunk import ModelConfig, Transformer
-from lmkit.errors import LmkitError
-from lmkit.protocols import Batch, EvalContext, LossOutput, TokenSpec
-
-
-@dataclass
-class AROptions:
-    """AR has no options of its own; the section exists so configs stay uniform."""
-
-
-@dataclass
-class AREvalOptions:
-    stride: int = 0  # sliding-window stride for the extra `nll_sliding` metric (0 = off)
-
-
-def token_nats(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position negative log-likelihood in nats (float32), shape of ``targets``."""
-    logits = model(inputs)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), reduction="none"
-    ).view_as(targets)
-
-
-class ARObjective:
-    name = "ar"
-    description = "causal next-token prediction (the parameter-golf baseline); exact NLL"
-    special_tokens: tuple[str, ...] = ()
-    exact_next_token = True  # its NLL of a sequence is exact: it can judge other models' samples
-    Options = AROptions
-    EvalOptions = AREvalOptions
-
-    def __init__(self, options: AROptions, tokens: TokenSpec):
-        self.options = options
-        self.tokens = tokens
-
-    def configure_model(self, cfg: ModelConfig) -> ModelConfig:
-        cfg.causal = True
-        cfg.time_cond = False
-        return cfg
-
-    def loss(self, model: Transformer, batch: Batch) -> LossOutput:
-        tokens = batch.tokens
-        return LossOutput(token_nats(model, tokens[:, :-1], tokens[:, 1:]).mean())
-
-    def evaluate(self, model: Transformer, ctx: EvalContext) -> list[Metric]:
-        metrics = [self._windows(model, ctx, stride=0)]
-        stride = ctx.options.stride
-        if stride and ctx.purpose == "eval":
-            if not 0 < stride <= ctx.seq_len:
-                raise LmkitError(f"--stride must be between 1 and seq_len ({ctx.seq_len})")
-            metrics.append(self._windows(model, ctx, stride=stride))
-        return metrics
-
-    def _windows(self, model: Transformer, ctx: EvalContext, stride: int) -> Metric:
-        val = ctx.val_tokens
-        n_targets = val.numel() - 1
-        if n_targets < 1:
-            raise LmkitError("the validation stream has no targets to score")
-        seq = min(ctx.seq_len, n_targets)
-        # Each window: (start of its inputs, number of trailing positions it scores).
-        if stride == 0:
-            windows = [(i * seq, seq) for i in range(n_targets // seq)]
-            name, detail = "nll", {"estimator": "exact NLL, non-overlapping windows",
-                                   "seq_len": seq, "windows": len(windows),
-                                   "unscored_tail_tokens": n_targets - len(windows) * seq}
-        else:
-            windows, scored_to = [(0, seq)], seq
-            while scored_to < n_targets:
-                end = min(scored_to + stride, n_targets)
-                windows.append((end - seq, end - scored_to))
-                scored_to = end
-            name, detail = "nll_sliding", {"estimator": "exact NLL, sliding windows",
-                                           "seq_len": seq, "stride": stride,
-                                           "windows": len(windows)}
-        meter = ctx.meter(name, "exact", detail)
-        positions = torch.arange(seq)
-        # One token of extra left context (-1 before the stream) so the byte LUT can see two
-        # tokens back, which tokenizers without a standalone '▁' need (parameter-golf #897).
-        padded = torch.cat([torch.tensor([-1]), val])
-        for b in range(0, len(windows), ctx.batch_size):
-            chunk = windows[b:b + ctx.batch_size]
-            rows = torch.stack([padded[s:s + seq + 2] for s, _ in chunk]).to(ctx.device)
-            scored = torch.tensor([n for _, n in chunk]).unsqueeze(1)
-            mask = (positions.unsqueeze(0) >= seq - scored).to(ctx.device)
-            inputs, targets = rows[:, 1:-1], rows[:, 2:]
-            with ctx.autocast():
-                nats = token_nats(model, inputs, targets)
-            meter.add(nats, targets, inputs, mask, prev2=rows[:, :-2])
-            ctx.progress(min(b + ctx.batch_size, len(windows)), len(windows))
-        return meter.metric()
 
 
 @hookimpl
 def register_objectives(register):
+    from lmkit.builtin.ar import ARObjective
+
     register(ARObjective)
+
+
+def __getattr__(name: str) -> Any:  # `from lmkit.plugins.ar import X` keeps working
+    import lmkit.builtin.ar as impl
+
+    try:
+        return getattr(impl, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

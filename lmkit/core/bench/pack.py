@@ -13,9 +13,10 @@ import torch
 
 from lmkit.core import runs
 from lmkit.core.artifact import load_artifact
+from lmkit.core.defaults import DEFAULT_CALIB_TOKENS
 from lmkit.core.device import resolve_device
 from lmkit.core.evaluate import evaluate_loaded
-from lmkit.core.pack import DEFAULT_CALIB_TOKENS, Log, Recipe, quantize_and_write
+from lmkit.core.pack import Log, Recipe, quantize_and_write
 from lmkit.errors import LmkitError
 
 
