@@ -43,11 +43,13 @@ class Batch:
     ``tokens`` is int64 ``[B, T+1]``: B contiguous windows of the training stream, each one token
     longer than ``seq_len`` so that a causal objective reads ``tokens[:, :-1] -> tokens[:, 1:]``
     and a masked objective can use ``tokens[:, 1:]`` with ``tokens[:, :-1]`` as each target's
-    predecessor. Documents start with ``bos_id``; windows cross document boundaries.
+    predecessor. Documents start with ``bos_id``; windows cross document boundaries. ``step`` is
+    the optimizer step the batch is for (0-based), for objectives whose loss follows a
+    curriculum; the built-ins do not use it.
     """
 
     tokens: torch.Tensor
-    step: int
+    step: int = 0
 
 
 @dataclass

@@ -184,3 +184,8 @@ def test_help_and_version_do_not_import_torch(args):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.rstrip().endswith("NO-TORCH"), out.stdout[-300:] + out.stderr[-300:]
+
+
+def test_a_bad_opt_is_reported_as_an_opt(tmp_path, capsys):
+    code, _, err = run_cli(["eval", str(tmp_path), "--opt", "foo"], capsys)
+    assert code == 1 and "--opt 'foo': expected key=value" in err and "--set" not in err

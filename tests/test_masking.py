@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmkit.core.config import resolve_config
 from lmkit.core.data import load_val_tokens, open_data
@@ -23,12 +24,23 @@ from lmkit.core.masking import (
     monte_carlo_nelbo,
     row_batches,
     stratified_times,
-    subs_log_probs,
 )
 from lmkit.core.runs import load_run
 from lmkit.core.train import train
 from lmkit.core.trunk import ModelConfig, Transformer, count_params
 from lmkit.protocols import Batch, TokenSpec
+
+
+def subs_log_probs(logits, xt, mask_id):
+    """Reference SUBS parameterisation over the whole vocabulary (the test oracle): log p(x0|xt)
+    per position, float32; a visible real token is copied, masked positions get the model's
+    distribution, MASK and PAD get no probability."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    vocab = logp.size(-1)
+    visible = (xt != mask_id) & (xt < vocab)
+    copy = torch.full_like(logp, float("-inf"))
+    copy.scatter_(-1, xt.clamp(max=vocab - 1).unsqueeze(-1), 0.0)
+    return torch.where(visible.unsqueeze(-1), copy, logp)
 
 FAST = ["train.seq_len=32", "train.batch_tokens=512", "train.log_every=10",
         "train.val_tokens=1024", "train.dtype=fp32", "optim.lr=0.01"]

@@ -27,10 +27,9 @@ from lmkit.core.genmetrics import (
     judge_nats,
     unigram_entropy,
 )
-from lmkit.core.registry import Registry
+from lmkit.core.registry import Registry, entry_listing
 from lmkit.core.runs import load_run
 from lmkit.core.train import train
-from lmkit.core.workflow import entry_listing
 from lmkit.errors import LmkitError
 from lmkit.protocols import SampleResult
 

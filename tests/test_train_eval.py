@@ -14,8 +14,8 @@ from lmkit.core.bpb import ByteLUT
 from lmkit.core.config import resolve_config
 from lmkit.core.data import load_val_tokens, open_data
 from lmkit.core.evaluate import evaluate_run
+from lmkit.core.plan import plan_training
 from lmkit.core.train import lr_multiplier, train
-from lmkit.core.workflow import plan_training
 from lmkit.errors import LmkitError
 
 FAST = ["train.seq_len=32", "train.batch_tokens=256", "train.log_every=2",

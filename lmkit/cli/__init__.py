@@ -125,8 +125,8 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
     `lmkit train --resume RUN [--steps N]` continues it exactly where it stopped.
     """
     from lmkit.core.data import open_for_training
+    from lmkit.core.plan import plan_training
     from lmkit.core.train import train as train_run
-    from lmkit.core.workflow import plan_training
 
     flags = budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer)
     flags["objective"] = objective
@@ -252,7 +252,7 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
 @click.option("--json", "as_json", is_flag=True)
 def plugins(show_all: bool, as_json: bool) -> None:
     """List installed plugins with their versions and hooks."""
-    from lmkit.core.workflow import plugin_listing
+    from lmkit.core.registry import plugin_listing
 
     rows = plugin_listing(include_builtins=show_all)
     if as_json:
@@ -266,7 +266,7 @@ def plugins(show_all: bool, as_json: bool) -> None:
 
 
 def _list_entries(kind: str, as_json: bool) -> None:
-    from lmkit.core.workflow import entry_listing
+    from lmkit.core.registry import entry_listing
 
     rows = entry_listing(kind)
     if as_json:

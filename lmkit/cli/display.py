@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lmkit.core.kinds import KIND_NOTES, format_metric, kind_note
+
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress and logs
 output = Console(highlight=False, soft_wrap=True)  # a command's results, on stdout
 
@@ -41,10 +43,8 @@ def fmt_seconds(s: float | None) -> str:
 
 
 def metric_cell(m: dict[str, Any]) -> str:
-    """A metric as one cell: '=' exact, '≤' upper bound, 'score', with ± stderr where estimated."""
-    prefix = {"exact": "=", "upper_bound": "≤", "score": "score "}[m["kind"]]
-    err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
-    return f"{prefix}{m['value']:.4f}{err} {m['unit']}"
+    """A metric as one cell: '=' exact, '≤' upper bound, 'score', ± stderr, unit."""
+    return format_metric(m, unit=True)
 
 
 def train_line(r: dict[str, Any]) -> str:
@@ -108,18 +108,13 @@ class TrainDisplay:
             )
 
 
-KIND_NOTES = {
-    "exact": "= exact: a code length the model actually achieves",
-    "upper_bound": "≤ upper bound on the model's code length (± one standard error)",
-    "score": "score: neither a likelihood nor a bound; not comparable with the others",
-}
 
 
 def metrics_table(result: dict[str, Any], details: bool = False) -> Table:
     step = result["checkpoint"]["step"]
     kinds = [k for k in KIND_NOTES if any(m["kind"] == k for m in result["metrics"])]
     table = Table(title=f"{result['objective']} · {result['run']} · step {step}",
-                  caption="\n".join(KIND_NOTES[k] for k in kinds), caption_justify="left")
+                  caption="\n".join(kind_note(k) for k in kinds), caption_justify="left")
     for col in ("metric", "value", "tokens", "bytes", "estimator"):
         table.add_column(col, justify="right" if col in ("tokens", "bytes") else "left",
                          no_wrap=col != "estimator")
@@ -176,7 +171,7 @@ def compare_tables(entries: list[Any]) -> list[Table]:
     kinds = [k for k in KIND_NOTES if any(m["kind"] == k for e in entries for m in e.metrics)]
     units = {m["name"]: m["unit"] for e in entries for m in e.metrics}
     metrics = Table(title="validation metrics (bpb: same tokens, exact LUT bytes)",
-                    caption="\n".join(KIND_NOTES[k] for k in kinds), caption_justify="left")
+                    caption="\n".join(kind_note(k) for k in kinds), caption_justify="left")
     metrics.add_column("metric")
     for e in entries:
         metrics.add_column(e.objective, justify="right", no_wrap=True)

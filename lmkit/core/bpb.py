@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmkit.core.kinds import METRIC_KINDS
 from lmkit.errors import LmkitError
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 SPACE = "\u2581"  # SentencePiece's escaped whitespace
 LN2 = math.log(2.0)
-METRIC_KINDS = ("exact", "upper_bound", "score")
 
 
 def bits_per_byte(total_nats: float, total_bytes: int) -> float:

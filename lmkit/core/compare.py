@@ -16,24 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from lmkit.core import runs
+from lmkit.core import atomic, runs
 from lmkit.core.build import batch_geometry
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_for_training
 from lmkit.core.evaluate import evaluate_run
+from lmkit.core.kinds import KIND_MARKS, KIND_NOTES, format_metric, kind_note
 from lmkit.core.registry import get_objective
 from lmkit.core.train import NullObserver, TrainObserver, train
 from lmkit.errors import LmkitError
-
-KIND_MARK = {"exact": "=", "upper_bound": "≤", "score": "score "}
-KIND_FOOTNOTES = {
-    "exact": "`=` exact: a code length the model achieves (bits per byte over exactly these "
-             "tokens, bytes from the tokenizer's LUT).",
-    "upper_bound": "`≤` upper bound on the model's code length (a variational bound; ± one "
-                   "standard error of its Monte-Carlo estimate).",
-    "score": "`score`: neither a likelihood nor a bound — not comparable with the rows above "
-             "(e.g. PR #1596's mean of loss_t / t).",
-}
 
 
 class CompareObserver(TrainObserver, Protocol):
@@ -187,10 +178,7 @@ def metric_names(entries: list[Entry]) -> list[str]:
 
 
 def cell(m: dict[str, Any] | None) -> str:
-    if m is None:
-        return ""
-    err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
-    return f"{KIND_MARK[m['kind']]}{m['value']:.4f}{err}"
+    return format_metric(m)
 
 
 def to_json(entries: list[Entry], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -201,7 +189,7 @@ def to_json(entries: list[Entry], extra: dict[str, Any] | None = None) -> dict[s
             "tokens": e.tokens, "train_seconds": round(e.train_seconds, 3), "tok_s": e.tok_s,
             "metrics": e.metrics, **e.extra,
         } for e in entries],
-        "kinds": {k: v.replace("`", "") for k, v in KIND_FOOTNOTES.items()},
+        "kinds": {k: kind_note(k) for k in KIND_NOTES},
     }
 
 
@@ -225,8 +213,8 @@ def to_markdown(entries: list[Entry], title: str = "lmkit compare") -> str:
         row = headline_cells(e) + [cell(by.get(n)) for n in names] + [str(e.extra.get(c, ""))
                                                                  for c in extra_cols]
         lines.append("| " + " | ".join(row) + " |")
-    kinds = [k for k in KIND_FOOTNOTES if any(m["kind"] == k for e in entries for m in e.metrics)]
-    lines += ["", *[f"* {KIND_FOOTNOTES[k]}" for k in kinds]]
+    kinds = [k for k in KIND_NOTES if any(m["kind"] == k for e in entries for m in e.metrics)]
+    lines += ["", *[f"* {kind_note(k, markdown=True)}" for k in kinds]]
     first = entries[0].metrics[0] if entries and entries[0].metrics else None
     if first:
         lines.append(f"* Every metric is scored over {first['tokens']:,} validation tokens "
@@ -267,7 +255,7 @@ def plot_curves(entries: list[Entry], path: Path) -> Path | None:
         if not vals:
             continue
         m0 = vals[0]["metrics"][0]
-        label = f"{e.objective}: {m0['name']} ({KIND_MARK[m0['kind']].strip() or m0['kind']})"
+        label = f"{e.objective}: {m0['name']} ({KIND_MARKS[m0['kind']].strip()})"
         errors = [r["metrics"][0]["stderr"] or 0.0 for r in vals]
         ax.errorbar([r["tokens"] for r in vals], [r["metrics"][0]["value"] for r in vals],
                     yerr=errors if any(errors) else None, marker="o", capsize=3, label=label)
@@ -289,9 +277,9 @@ def write_report(out: Path, entries: list[Entry], extra: dict[str, Any] | None =
     md = to_markdown(entries)
     if png is not None:
         md += f"\n![validation bpb against tokens seen]({png.name})\n"
-    (out / "report.md").write_text(md)
+    atomic.write_text(out / "report.md", md)
     runs.write_json(out / "compare.json", to_json(entries, extra))
-    (out / "compare.csv").write_text(to_csv(entries))
+    atomic.write_text(out / "compare.csv", to_csv(entries))
     return {"report": out / "report.md", "json": out / "compare.json", "png": png}
 
 

@@ -94,20 +94,6 @@ def mask_tokens(x0: Tensor, mask_prob: Tensor, maskable: Tensor, mask_id: int,
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
-def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
-    """SUBS parameterisation: log p(x₀ | x_t) per position, float32 ``[..., V]``.
-
-    The trunk emits logits over real tokens only, so MASK and PAD get no probability. A visible
-    real token is copied (probability one); masked positions get the model's distribution.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    vocab = logp.size(-1)
-    visible = (xt != mask_id) & (xt < vocab)
-    copy = torch.full_like(logp, float("-inf"))
-    copy.scatter_(-1, xt.clamp(max=vocab - 1).unsqueeze(-1), 0.0)
-    return torch.where(visible.unsqueeze(-1), copy, logp)
-
-
 def document_layout(x0: Tensor, spec: MaskedSpec) -> Tensor:
     """Valid positions of training windows in document mode: a row stops where the next
     document starts (its BOS and everything after become PAD)."""

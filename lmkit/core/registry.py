@@ -13,6 +13,7 @@ the plugin modules' own imports.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata as md
 import os
@@ -235,3 +236,29 @@ def get_objective(name: str) -> Entry:
 
 def get_corpus(name: str) -> Entry:
     return get_registry().get("corpus", name)
+
+
+# -- listings (`lmkit plugins`, `lmkit objectives`, `lmkit samplers`) ---------------------------
+def plugin_listing(include_builtins: bool = False) -> list[dict[str, Any]]:
+    """Installed plugins; their registration hooks run first, so a broken one is not listed."""
+    registry = get_registry()
+    registry.entries  # noqa: B018
+    return [dataclasses.asdict(p) for p in registry.plugins.values()
+            if include_builtins or not p.builtin]
+
+
+def entry_listing(kind: str) -> list[dict[str, Any]]:
+    """Registered objectives / samplers / corpora; a sampler also lists the objectives it
+    serves now (and the capabilities it requires)."""
+    from lmkit.core.generate import served_by
+
+    registry = get_registry()
+    rows = []
+    for e in sorted(registry.entries[kind].values(), key=lambda e: e.name):
+        row = {"name": e.name, "description": e.description, "plugin": e.plugin,
+               "distribution": e.distribution, "version": e.version}
+        if kind == "sampler":
+            row["objectives"] = served_by(e)
+            row["requires"] = list(getattr(e.obj, "requires", ()))
+        rows.append(row)
+    return rows

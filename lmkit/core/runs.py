@@ -114,7 +114,7 @@ class MetricsLog:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        atomic.write_text(self.path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,8 +1,7 @@
-"""Glue the CLI calls into: planning a run (fresh or resumed) and listing plugins."""
+"""Planning a training run: its resolved config and run directory, fresh or resumed."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 from lmkit.core import config as config_mod
 from lmkit.core import runs
 from lmkit.core.config import RunConfig
-from lmkit.core.registry import get_objective, get_registry
+from lmkit.core.registry import get_objective
 from lmkit.errors import LmkitError
 
 # What a resumed run may change: its budget and bookkeeping, never what it learns.
@@ -72,28 +71,3 @@ def _check_resumable(stored: RunConfig, new: RunConfig, run_dir: Path) -> None:
         elif b[section] != values:
             raise LmkitError(f"cannot resume {run_dir} as {section}={b[section]!r} "
                              f"(the run is {values!r})")
-
-
-def plugin_listing(include_builtins: bool = False) -> list[dict[str, Any]]:
-    """Installed plugins; their registration hooks run first, so a broken one is not listed."""
-    registry = get_registry()
-    registry.entries  # noqa: B018
-    return [dataclasses.asdict(p) for p in registry.plugins.values()
-            if include_builtins or not p.builtin]
-
-
-def entry_listing(kind: str) -> list[dict[str, Any]]:
-    """Registered objectives / samplers / corpora; a sampler also lists the objectives it
-    serves now (and the capabilities it requires)."""
-    from lmkit.core.generate import served_by
-
-    registry = get_registry()
-    rows = []
-    for e in sorted(registry.entries[kind].values(), key=lambda e: e.name):
-        row = {"name": e.name, "description": e.description, "plugin": e.plugin,
-               "distribution": e.distribution, "version": e.version}
-        if kind == "sampler":
-            row["objectives"] = served_by(e)
-            row["requires"] = list(getattr(e.obj, "requires", ()))
-        rows.append(row)
-    return rows

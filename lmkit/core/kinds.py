@@ -1,0 +1,34 @@
+"""What kind of number a metric is, and how every table marks it: one table, torch-free.
+
+``exact`` is a code length the model achieves, ``upper_bound`` a bound on one (with the standard
+error of its Monte-Carlo estimate), ``score`` neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+METRIC_KINDS = ("exact", "upper_bound", "score")
+KIND_MARKS = {"exact": "=", "upper_bound": "≤", "score": "score "}
+KIND_NOTES = {
+    "exact": "exact: a code length the model achieves (bits per byte over exactly these tokens, "
+             "bytes from the tokenizer's LUT).",
+    "upper_bound": "upper bound on the model's code length (a variational bound; ± one "
+                   "standard error of its Monte-Carlo estimate).",
+    "score": "neither a likelihood nor a bound — not comparable with the rows above "
+             "(e.g. PR #1596's mean of loss_t / t).",
+}
+
+
+def kind_note(kind: str, markdown: bool = False) -> str:
+    """The one-line legend of a kind, led by its mark (in backticks for markdown)."""
+    mark = KIND_MARKS[kind].strip()
+    return f"{f'`{mark}`' if markdown else mark} {KIND_NOTES[kind]}"
+
+
+def format_metric(m: dict[str, Any] | None, unit: bool = False) -> str:
+    """A metric as one cell: its mark, value and ± stderr where estimated (and its unit)."""
+    if m is None:
+        return ""
+    err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
+    return f"{KIND_MARKS[m['kind']]}{m['value']:.4f}{err}" + (f" {m['unit']}" if unit else "")
