@@ -54,10 +54,14 @@ class Batch:
 
 @dataclass
 class LossOutput:
-    """What ``Objective.loss`` returns: the scalar to back-propagate and extra scalars to log."""
+    """What ``Objective.loss`` returns: the scalar to back-propagate, extra scalars to log
+    (``metrics``: averaged over the log window into ``metrics.jsonl``'s ``loss_metrics`` and
+    shown on the progress line), and ``tokens``, the real tokens this micro-batch trained on
+    when that is not every target of the batch (e.g. windows padded at document ends)."""
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    tokens: int | None = None
 
 
 @dataclass
@@ -66,8 +70,9 @@ class EvalContext:
 
     ``val_tokens`` is the deterministic prefix of the validation stream (int64, on CPU, one token
     more than the number of targets). ``meter(name, kind, detail)`` returns a
-    :class:`~lmkit.core.bpb.BpbMeter` that accumulates nats and exact LUT bytes of exactly the
-    tokens you add; return ``meter.metric()`` values. ``purpose`` is ``"validation"`` during
+    :class:`~lmkit.core.bpb.BpbMeter`: give it the nats of the stream positions you scored
+    (``meter.add_positions`` / ``meter.add_estimate_positions``) and it counts their exact LUT
+    bytes; return ``meter.metric()`` values. ``purpose`` is ``"validation"`` during
     training (be quick) or ``"eval"`` for ``lmkit eval`` (be thorough). ``options`` are the
     objective's evaluation options (already validated against ``EvalOptions``).
     """
@@ -95,7 +100,7 @@ class EvalContext:
         # Estimators run one after another, so a meter's cost runs from its creation to the
         # next one's (or the end): that is what `lmkit bench eval` reports.
         self.marks.append((name, time.perf_counter(), self.model_calls()))
-        return BpbMeter(self.lut, name, kind, detail)
+        return BpbMeter(self.lut, name, kind, detail, stream=self.val_tokens)
 
 
 @runtime_checkable

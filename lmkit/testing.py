@@ -39,6 +39,7 @@ from lmkit.core.registry import get_registry
 from lmkit.core.runs import load_run
 from lmkit.core.train import train
 from lmkit.core.trunk import ModelConfig
+from lmkit.errors import LmkitError
 from lmkit.protocols import Batch, EvalContext, LossOutput, Objective, SampleContext
 
 try:  # the checks work without pytest; only the fixtures and contract_tests need it
@@ -123,12 +124,30 @@ class ObjectiveHarness:
             flags={"objective": name, "train.steps": TRAIN_STEPS, "data.path": str(data_dir)},
         )
         self.data = open_data(Path(data_dir))
-        self.setup: Setup = build(copy.deepcopy(self.cfg), self.data)
+        try:
+            self.setup: Setup = build(copy.deepcopy(self.cfg), self.data)
+        except LmkitError as exc:
+            raise ContractError(f"cannot be built as `lmkit train` builds it: {exc}") from None
         self.objective, self.model, self.tokens = (
             self.setup.objective, self.setup.model, self.setup.tokens)
         _wake(self.model)
         self.val_tokens = load_val_tokens(self.data, EVAL_TOKENS)
         self._run: tuple[Path, dict[str, Any]] | None = None
+        self.model_calls = 0
+        # Every call of the model in every check: only real ids and the objective's own special
+        # ids may go in (checked before the embedding lookup could fail with a bare IndexError).
+        self.model.embed.register_forward_pre_hook(self._check_ids)
+
+    def _check_ids(self, _module: Any, args: tuple) -> None:
+        ids = args[0]
+        self.model_calls += 1
+        limit = self.tokens.vocab_size + len(self.tokens.special)
+        expect(not ids.is_floating_point(), f"the model was fed {ids.dtype} ids")
+        lo, hi = int(ids.min()), int(ids.max())
+        expect(0 <= lo and hi < limit,
+               f"objective {self.name!r}: the model was fed id {hi if hi >= limit else lo}: "
+               f"only ids 0..{limit - 1} exist (vocab {self.tokens.vocab_size} + special "
+               f"{dict(self.tokens.special)}); ask for extra ids through special_tokens")
 
     @property
     def seq_len(self) -> int:
@@ -148,8 +167,49 @@ class ObjectiveHarness:
         return self.setup.eval_context(self.val_tokens.clone(), purpose=purpose,
                                        batch_size=EVAL_BATCH, seed=seed, lut=lut)
 
-    def evaluate(self, purpose: str = "eval", **kwargs: Any) -> list[Metric]:
-        return run_evaluation(self.model, self.objective, self.context(purpose, **kwargs))
+    def evaluate(self, purpose: str = "eval", *, stream: torch.Tensor | None = None,
+                 **kwargs: Any) -> list[Metric]:
+        ctx = self.context(purpose, **kwargs)
+        if stream is not None:
+            ctx.val_tokens = stream.clone()
+        return run_evaluation(self.model, self.objective, ctx)
+
+    def boundary(self) -> torch.Tensor:
+        """The real LUT's boundary ids (control, unknown, unused, every special id): 0 bytes."""
+        return self.setup.lut.boundary.cpu()
+
+    def random_lut(self, seed: int, lead: bool = False) -> ByteLUT:
+        """Random per-id bytes (1..4) for real pieces, 0 for boundaries (as the real LUT has
+        them), leading spaces at random (``lead``) or none."""
+        gen = torch.Generator().manual_seed(seed)
+        bound = self.boundary()
+        base = torch.randint(1, 5, (bound.numel(),), generator=gen)
+        base[bound] = 0
+        spaces = (torch.rand(bound.numel(), generator=gen) < 0.5) & ~bound if lead else \
+            torch.zeros_like(bound)
+        return ByteLUT(base, spaces, bound.clone())
+
+    def probe(self, lut: ByteLUT, kappa: float = 0.5) -> Any:
+        """A context manager: the model predicts one fixed distribution, ``-log q(t) =
+        kappa * bytes(t) + A``, whatever its input (its ``logits`` are replaced). Under it the
+        exact code length of any set of targets is ``kappa * bytes + A * tokens`` — a count
+        of the stream that no objective computes, to check its numbers against."""
+        model, vocab = self.model, self.tokens.vocab_size
+        z = -kappa * lut.base_bytes[:vocab].double()
+        log_norm = float(torch.logsumexp(z, 0))
+        logits = (z - log_norm).float()
+
+        class Probe:
+            A = log_norm  # nats(t) = -log q(t) = kappa * bytes(t) + A
+
+            def __enter__(self) -> Probe:
+                model.logits = lambda h: logits.to(h.device).expand(*h.shape[:-1], vocab)
+                return self
+
+            def __exit__(self, *_: Any) -> None:
+                del model.logits
+
+        return Probe()
 
     def trained_run(self) -> tuple[Path, dict[str, Any]]:
         """(run directory, summary) of ``TRAIN_STEPS`` steps of ``lmkit.core.train.train``."""
@@ -226,30 +286,15 @@ def check_loss(h: ObjectiveHarness) -> None:
 @_objective_check
 def check_inputs(h: ObjectiveHarness) -> None:
     """Masks and shapes: the model is only fed real ids and the objective's own special ids
-    (``vocab_size + i``, requested through ``special_tokens``), predicts exactly ``vocab_size``
-    logits, and evaluation leaves ``ctx.val_tokens`` as it found it."""
-    limit = h.tokens.vocab_size + len(h.tokens.special)
-    calls = [0]
-
-    def check_ids(_module: Any, args: tuple) -> None:  # before the lookup can fail or pad
-        ids = args[0]
-        calls[0] += 1
-        expect(not ids.is_floating_point(), f"the model was fed {ids.dtype} ids")
-        lo, hi = int(ids.min()), int(ids.max())
-        expect(0 <= lo and hi < limit,
-               f"the model was fed id {hi if hi >= limit else lo}: only ids 0..{limit - 1} exist "
-               f"(vocab {h.tokens.vocab_size} + special {dict(h.tokens.special)}); ask for extra "
-               "ids through special_tokens")
-
-    hook = h.model.embed.register_forward_pre_hook(check_ids)
+    (``vocab_size + i``, requested through ``special_tokens``; the harness checks every call of
+    every check), predicts exactly ``vocab_size`` logits, and evaluation leaves
+    ``ctx.val_tokens`` as it found it."""
+    calls = h.model_calls
     ctx = h.context("eval")
     before = ctx.val_tokens.clone()
-    try:
-        h.loss()
-        run_evaluation(h.model, h.objective, ctx)
-    finally:
-        hook.remove()
-    expect(calls[0], "neither loss nor evaluate called the model")
+    h.loss()
+    run_evaluation(h.model, h.objective, ctx)
+    expect(h.model_calls > calls, "neither loss nor evaluate called the model")
     logits = h.model.logits(torch.zeros(1, h.model.cfg.d_model))
     expect(logits.shape[-1] == h.tokens.vocab_size,
            f"the model predicts {logits.shape[-1]} ids, not the {h.tokens.vocab_size} real ones")
@@ -271,7 +316,9 @@ def check_metrics(h: ObjectiveHarness) -> None:
             where = f"metric {m.name!r} ({purpose})"
             expect(m.kind in METRIC_KINDS, f"{where}: kind {m.kind!r} is not one of {METRIC_KINDS}")
             expect(m.unit == "bpb", f"{where}: unit {m.unit!r}; metrics come from ctx.meter (bpb)")
-            expect(math.isfinite(m.value) and m.value > 0, f"{where}: value {m.value}")
+            expect(math.isfinite(m.value), f"{where}: value {m.value} is not finite: the "
+                                           "objective's nats are NaN or infinite")
+            expect(m.value > 0, f"{where}: value {m.value}; a code length in bpb is positive")
             if m.kind == "exact":
                 expect(m.stderr is None, f"{where}: an exact value has no stderr")
             else:
@@ -288,11 +335,21 @@ def check_metrics(h: ObjectiveHarness) -> None:
             expect(_key(back) == _key(m), f"{where}: does not survive a JSON round trip")
 
 
+def _nats(m: Metric) -> float:
+    return m.value * math.log(2) * m.bytes
+
+
 @_objective_check
 def check_bytes(h: ObjectiveHarness) -> None:
-    """Byte accounting through core: each metric is what a ``ctx.meter`` measured, and its bytes
-    are the LUT bytes of exactly its tokens (a LUT of 1 byte per token gives bytes == tokens, one
-    of 2 gives twice that and half the bpb); no objective counts bytes itself."""
+    """Byte accounting, judged by the numbers whichever meter methods the objective uses.
+
+    Every metric is what a ``ctx.meter`` measured. Under byte LUTs that keep the real one's
+    boundaries (BOS, control and special ids: 0 bytes) and give every real piece 1 (then 2)
+    bytes, a metric's bytes lie between its tokens minus the boundary targets of the stream and
+    its tokens, and doubling them halves its bpb. Under random per-id LUTs and a probe model
+    whose nats are ``kappa * bytes + A`` per target, an exact metric's nats and bytes must
+    agree: that catches bytes of the wrong tokens (a predecessor, a noised input) and nats
+    that do not cover what the bytes count."""
     ctx = h.context("eval")
     meters: dict[str, Any] = {}
     make_meter = ctx.meter
@@ -310,31 +367,117 @@ def check_bytes(h: ObjectiveHarness) -> None:
                f"metric {m.name!r} differs from what its meter measured ({measured.value}, "
                f"{measured.tokens} tokens, {measured.bytes} bytes)")
 
-    lut = h.setup.lut
-    size = lut.size
+    bound = h.boundary()
+    n_boundary = int(bound[h.val_tokens[1:]].sum())  # boundary targets in the stream (BOS...)
 
-    def flat_lut(n_bytes: int) -> ByteLUT:
-        return ByteLUT(torch.full((size,), n_bytes, dtype=torch.int64),
-                       torch.zeros(size, dtype=torch.bool), torch.zeros(size, dtype=torch.bool))
+    def flat(n_bytes: int) -> ByteLUT:
+        base = torch.where(bound, 0, n_bytes).long()
+        return ByteLUT(base, torch.zeros_like(bound), bound.clone())
 
-    ones, twos = h.evaluate("eval", lut=flat_lut(1)), h.evaluate("eval", lut=flat_lut(2))
+    ones, twos = h.evaluate("eval", lut=flat(1)), h.evaluate("eval", lut=flat(2))
     for real, one, two in zip(metrics, ones, twos, strict=True):
-        expect(one.bytes == one.tokens,
+        expect(one.tokens - n_boundary <= one.bytes <= one.tokens,
                f"metric {one.name!r}: with 1 byte per token it reports {one.bytes} bytes for "
-               f"{one.tokens} tokens; count bytes with ctx.lut over exactly the scored tokens")
-        expect(two.bytes == 2 * two.tokens and two.tokens == one.tokens,
-               f"metric {two.name!r}: doubling every token's bytes gave {two.bytes} bytes for "
-               f"{two.tokens} tokens")
+               f"{one.tokens} tokens, but those targets hold {one.tokens - n_boundary} to "
+               f"{one.tokens} (real pieces 1 byte, BOS, control and special ids 0): these are "
+               "not the bytes of the targets it scored (a predecessor's? a noised input's, "
+               "where MASK counts 0?); pass stream positions to the meter")
+        expect(two.bytes == 2 * one.bytes and two.tokens == one.tokens,
+               f"metric {two.name!r}: doubling every piece's bytes gave {two.bytes} bytes (not "
+               f"2 x {one.bytes}) for {two.tokens} tokens")
         expect(math.isclose(two.value, one.value / 2, rel_tol=1e-9),
                f"metric {two.name!r}: doubling the bytes must halve bpb ({one.value} -> "
                f"{two.value})")
         expect(real.tokens == one.tokens, f"metric {real.name!r} scored a different number of "
                                           "tokens under another LUT")
+    lut = h.setup.lut
     padded = torch.cat([torch.tensor([-1]), h.val_tokens])
     total = int(lut.target_bytes(h.val_tokens[1:], h.val_tokens[:-1], padded[:-2]).sum())
     for m in metrics:
         expect(m.bytes <= total, f"metric {m.name!r} counts {m.bytes} bytes but the scored "
                                  f"stream holds only {total}")
+    for seed in (11, 12, 13):
+        probe_lut = h.random_lut(seed)
+        with h.probe(probe_lut) as probe:
+            probed = h.evaluate("eval", lut=probe_lut)
+        for m in probed:
+            if m.kind != "exact":
+                continue
+            expected = 0.5 * m.bytes + probe.A * m.tokens
+            expect(math.isclose(_nats(m), expected, rel_tol=1e-4),
+                   f"exact metric {m.name!r}: under a probe model whose nats are 0.5 x bytes + "
+                   f"{probe.A:.4f} per target, its {m.tokens} tokens and {m.bytes} bytes (random "
+                   f"per-id LUT {seed}) imply {expected:.3f} nats, but it reports "
+                   f"{_nats(m):.3f}: these are not the bytes of the targets it scored, or its "
+                   "nats do not cover all of them")
+
+
+@_objective_check
+def check_seeds(h: ObjectiveHarness) -> None:
+    """An ``exact`` metric does not change with the evaluation seed (a Monte-Carlo figure is
+    not exact); an estimate's spread across seeds is consistent with its stderr."""
+    runs_ = [h.evaluate("eval", seed=seed) for seed in (101, 102, 103, 104, 105, 106)]
+    for i, m in enumerate(runs_[0]):
+        values = [r[i].value for r in runs_]
+        if m.kind == "exact":
+            if len(set(values)) > 1:
+                raise ContractError(
+                    f"exact metric {m.name!r} changes with the evaluation seed ({min(values)} "
+                    f"to {max(values)}): a value drawn at random is an estimate (kind "
+                    "upper_bound or score, with its stderr), not exact")
+            continue
+        spread = float(torch.tensor(values, dtype=torch.float64).std())
+        stderr = sum(r[i].stderr or 0.0 for r in runs_) / len(runs_)
+        expect(spread <= 3 * stderr + 1e-9,
+               f"metric {m.name!r}: its value varies by {spread:.5f} (sd over 6 evaluation "
+               f"seeds) but it claims a standard error of {stderr:.5f}; the stderr must "
+               "describe the estimate's real uncertainty")
+
+
+@_objective_check
+def check_scored_tokens(h: ObjectiveHarness) -> None:
+    """Every target an exact metric claims is really scored: changing one claimed target token
+    (at the end, in the middle, near the start) must change the metric's nats."""
+    base = {m.name: m for m in h.evaluate("eval") if m.kind == "exact"}
+    bound = h.boundary()
+    n = h.val_tokens.numel() - 1
+    real_targets = n - int(bound[h.val_tokens[1:]].sum())
+    vocab = h.tokens.vocab_size
+    for pos in (n, n - 3, 2 * n // 3, n // 3, 5):
+        if bound[h.val_tokens[pos]]:
+            continue  # BOS and other boundaries may be given, not scored
+        stream = h.val_tokens.clone()
+        new = (int(stream[pos]) + 1) % vocab
+        while bound[new]:
+            new = (new + 1) % vocab
+        stream[pos] = new
+        changed = {m.name: m for m in h.evaluate("eval", stream=stream)}
+        for name, m in base.items():
+            if m.tokens < real_targets:
+                continue  # it does not claim every target; nothing to say about this one
+            expect(not math.isclose(_nats(changed[name]), _nats(m), rel_tol=1e-9, abs_tol=1e-9),
+                   f"exact metric {name!r} claims {m.tokens} tokens (every target) but its "
+                   f"nats do not change when target {pos} changes: that target is not scored")
+
+
+@_objective_check
+def check_bound_order(h: ObjectiveHarness) -> None:
+    """Under a context-free probe model every code of the targets is the same length, so an
+    ``upper_bound`` must not sit below an ``exact`` metric over the same tokens by more than
+    its standard error allows."""
+    probe_lut = h.random_lut(21)
+    with h.probe(probe_lut):
+        metrics = h.evaluate("eval", lut=probe_lut)
+    exact = [m for m in metrics if m.kind == "exact"]
+    for b in (m for m in metrics if m.kind == "upper_bound"):
+        for e in exact:
+            if e.tokens != b.tokens:
+                continue
+            slack = 3 * (b.stderr or 0.0) + 1e-3 * e.value
+            expect(b.value >= e.value - slack,
+                   f"upper bound {b.name!r} = {b.value:.4f} ± {b.stderr:.4f} sits below the "
+                   f"exact code length {e.name!r} = {e.value:.4f} of the same {e.tokens} tokens "
+                   "under a context-free probe model: it is not a bound (does it skip targets?)")
 
 
 @_objective_check
@@ -346,11 +489,15 @@ def check_determinism(h: ObjectiveHarness) -> None:
     expect(a == b, f"the loss differs under the same torch.manual_seed: {a} vs {b}")
     params = {n: p.detach().clone() for n, p in h.model.named_parameters()}
     torch.manual_seed(1)
-    first = [_key(m) for m in h.evaluate("eval")]
+    first = h.evaluate("eval")
     torch.manual_seed(2)
-    second = [_key(m) for m in h.evaluate("eval")]
-    expect(first == second, "evaluation depends on the global RNG: draw every random number "
-                            f"from a generator seeded with ctx.seed ({first} vs {second})")
+    second = h.evaluate("eval")
+    bad = [m.name for m in first + second if not math.isfinite(m.value)]
+    expect(not bad, f"metric {bad[0] if bad else ''!r} is not finite (NaN/inf nats); "
+                    "its value cannot repeat")
+    expect([_key(m) for m in first] == [_key(m) for m in second],
+           "evaluation depends on the global RNG: draw every random number from a generator "
+           f"seeded with ctx.seed ({[_key(m) for m in first]} vs {[_key(m) for m in second]})")
     changed = [n for n, p in h.model.named_parameters() if not torch.equal(p, params[n])]
     expect(not changed, f"evaluation changed parameters: {', '.join(changed[:5])}")
 

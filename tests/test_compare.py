@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,29 @@ def test_compare_with_pack_and_gen(tiny_data, tmp_path, capsys):
         assert kinds["gen_ppl"] == kinds["gen_entropy"] == "score"
         assert int(row["artifact bytes"].replace(",", "")) == row["pack"]["artifact_bytes"]
         assert row["pack"]["artifact_bytes"] <= 16_000_000
+
+
+def test_sanity_rules_flag_impossible_rows_everywhere():
+    from lmkit.core.compare import Entry, sanity_check, to_json, to_markdown
+
+    def metric(name, kind, value, stderr=None, tokens=1000):
+        return {"name": name, "kind": kind, "value": value, "unit": "bpb", "stderr": stderr,
+                "tokens": tokens, "bytes": 2400, "detail": {}}
+
+    ar = Entry("ar", Path("a"), 1000, 10, 1.0, [metric("nll", "exact", 1.8)], {})
+    beats = Entry("mdlm", Path("m"), 1200, 10, 1.0,
+                  [metric("nelbo_mc", "upper_bound", 1.6, 0.01),
+                   metric("chain_rule", "exact", 2.1)], {})
+    fine = Entry("maskrecon", Path("r"), 1100, 10, 1.0,
+                 [metric("nelbo_mc", "upper_bound", 2.2, 0.01),
+                  metric("chain_rule", "exact", 2.19),
+                  metric("recon_score", "score", 0.5, 0.01)], {})
+    other_tokens = Entry("mdlm", Path("o"), 1000, 10, 1.0,
+                         [metric("nelbo_mc", "upper_bound", 1.0, 0.01, tokens=999)], {})
+    sanity_check([ar, beats, fine, other_tokens])
+    assert ar.warnings == [] and fine.warnings == [] and other_tokens.warnings == []
+    assert len(beats.warnings) == 2
+    assert "beats ar's exact nll" in beats.warnings[0]
+    assert "below this run's exact code length chain_rule" in beats.warnings[1]
+    assert to_json([ar, beats])["rows"][1]["warnings"] == beats.warnings
+    assert "## Warnings" in to_markdown([ar, beats]) and "## Warnings" not in to_markdown([ar])

@@ -34,7 +34,8 @@ def lmkit_data(tiny_data):
     return tiny_data
 
 
-test_contract = contract_tests()
+# every check on every registered objective and sampler: minutes, so in the slow run
+test_contract = pytest.mark.slow(contract_tests())
 
 
 def test_every_registered_objective_and_sampler_is_covered():

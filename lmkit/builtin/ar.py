@@ -88,18 +88,17 @@ class ARObjective:
                                            "seq_len": seq, "stride": stride,
                                            "windows": len(windows)}
         meter = ctx.meter(name, "exact", detail)
-        positions = torch.arange(seq)
-        # One token of extra left context (-1 before the stream) so the byte LUT can see two
-        # tokens back, which tokenizers without a standalone '▁' need (parameter-golf #897).
-        padded = torch.cat([torch.tensor([-1]), val])
+        offsets = torch.arange(seq)
         for b in range(0, len(windows), ctx.batch_size):
             chunk = windows[b:b + ctx.batch_size]
-            rows = torch.stack([padded[s:s + seq + 2] for s, _ in chunk]).to(ctx.device)
+            starts = torch.tensor([s for s, _ in chunk]).unsqueeze(1)
+            inputs = val[starts + offsets].to(ctx.device)
+            targets = val[starts + offsets + 1].to(ctx.device)
+            # each window scores its last n targets: their stream positions, -1 elsewhere
             scored = torch.tensor([n for _, n in chunk]).unsqueeze(1)
-            mask = (positions.unsqueeze(0) >= seq - scored).to(ctx.device)
-            inputs, targets = rows[:, 1:-1], rows[:, 2:]
+            positions = torch.where(offsets >= seq - scored, starts + offsets + 1, -1)
             with ctx.autocast():
                 nats = token_nats(model, inputs, targets)
-            meter.add(nats, targets, inputs, mask, prev2=rows[:, :-2])
+            meter.add_positions(positions.to(ctx.device), nats)
             ctx.progress(min(b + ctx.batch_size, len(windows)), len(windows))
         return meter.metric()

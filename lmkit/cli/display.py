@@ -49,7 +49,8 @@ def metric_cell(m: dict[str, Any]) -> str:
 
 def train_line(r: dict[str, Any]) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-    return (f"step {r['step']} | loss {r['loss']:.4f} | lr×{r['lr_mult']:.2f} | "
+    extra = "".join(f" | {k} {v:.4g}" for k, v in (r.get("loss_metrics") or {}).items())
+    return (f"step {r['step']} | loss {r['loss']:.4f}{extra} | lr×{r['lr_mult']:.2f} | "
             f"{fmt_count(r['tok_s'])} tok/s | mfu {mfu} | tokens {fmt_count(r['tokens'])} | "
             f"eta {fmt_seconds(r.get('eta_s'))}")
 
@@ -156,7 +157,7 @@ class CompareDisplay(TrainDisplay):
             self.status = None
 
 
-def compare_tables(entries: list[Any]) -> list[Table]:
+def compare_tables(entries: list[Any]) -> list[Any]:
     """Runs (one row per objective), then metrics × objectives so it fits a terminal."""
     from lmkit.core.compare import HEADLINE, cell, headline_cells, metric_names
 
@@ -181,4 +182,6 @@ def compare_tables(entries: list[Any]) -> list[Table]:
             by = {m["name"]: m for m in e.metrics}
             row.append(cell(by.get(name)))
         metrics.add_row(f"{name} ({units[name]})", *row)
-    return [runs_table, metrics]
+    tables: list[Any] = [runs_table, metrics]
+    warnings = [f"[yellow]warning[/] {e.objective}: {w}" for e in entries for w in e.warnings]
+    return tables + warnings

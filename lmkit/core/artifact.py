@@ -270,22 +270,42 @@ def read_artifact(path: str | Path, max_payload: int | None = None
     return deserialize(decode_artifact(data, path, max_payload), path)
 
 
-def load_artifact(path: str | Path, device: str | torch.device = "cpu"
-                  ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model an artifact describes, with its dequantized weights: (model, manifest)."""
+def load_artifact(path: str | Path, device: str | torch.device = "cpu",
+                  like: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model an artifact describes, with its dequantized weights: (model, manifest).
+
+    ``like``: the run's model, copied for its structure (an objective's own modules are built by
+    the objective, not described by the manifest); its config must be the manifest's.
+    """
+    manifest, tensors = read_artifact(path)
+    return model_from_tensors(manifest, tensors, path, like).to(torch.device(device)).eval(), \
+        manifest
+
+
+def model_from_tensors(manifest: dict[str, Any], tensors: list[QTensor], source: str | Path,
+                       like: nn.Module | None = None) -> nn.Module:
+    """The model ``manifest`` describes (or a copy of ``like``), holding ``tensors``."""
+    import copy
+    from dataclasses import asdict
+
     from lmkit.core.build import new_model
     from lmkit.core.config import model_config_from_dict
 
-    manifest, tensors = read_artifact(path)
     model_meta = manifest.get("model")
     try:
         cfg = model_config_from_dict(dict(model_meta["config"]))
-        model = new_model(cfg, int(model_meta["vocab_size"]), int(model_meta["n_special"]))
+        if like is None:
+            model = new_model(cfg, int(model_meta["vocab_size"]), int(model_meta["n_special"]))
+        else:
+            if asdict(like.cfg) != asdict(cfg):
+                raise LmkitError(f"artifact {source} was packed from a model with another "
+                                 "config than its run's; re-pack it from that run")
+            model = copy.deepcopy(like)
     except (KeyError, TypeError, ValueError) as exc:
-        raise LmkitError(f"artifact {path}: its manifest does not describe a model ({exc!r}); "
-                         "re-create it with `lmkit pack`") from None
-    load_tensors(model, tensors, path)
-    return model.to(torch.device(device)).eval(), manifest
+        raise LmkitError(f"artifact {source}: its manifest does not describe a model "
+                         f"({exc!r}); re-create it with `lmkit pack`") from None
+    load_tensors(model, tensors, source)
+    return model
 
 
 def load_tensors(model: nn.Module, tensors: list[QTensor], source: str | Path) -> None:

@@ -201,12 +201,16 @@ class BpbMeter:
     ``metric()`` reads them once (all-reduced across ranks under torch.distributed).
     """
 
-    def __init__(self, lut: ByteLUT, name: str, kind: str, detail: dict | None = None):
+    def __init__(self, lut: ByteLUT, name: str, kind: str, detail: dict | None = None,
+                 stream: torch.Tensor | None = None):
         _check_kind(kind)
         self.lut, self.name, self.kind = lut, name, kind
         self.detail = dict(detail or {})
+        self.stream = stream  # the validation stream positions refer to (ctx.val_tokens)
         self._sums: torch.Tensor | None = None  # float64 [nats, var]
         self._counts: torch.Tensor | None = None  # int64 [bytes, tokens, estimate calls]
+        self._hits: torch.Tensor | None = None  # times each stream position was scored
+        self._outside: torch.Tensor | None = None  # positions that are not targets
 
     def _accumulators(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._sums is None or self._counts is None:
@@ -223,8 +227,10 @@ class BpbMeter:
             mask: torch.Tensor | None = None, prev2: torch.Tensor | None = None) -> None:
         """Add exact per-position NLLs (nats) of ``targets``; ``mask`` picks the scored positions.
 
-        Unscored positions may hold anything (ignore-index ids, inf nats): they are replaced
-        before indexing or summing.
+        Deprecated in favour of :meth:`add_positions` (the caller no longer handles the
+        predecessors the byte count needs); kept working for existing plugins. Unscored
+        positions may hold anything (ignore-index ids, inf nats): they are replaced before
+        indexing or summing.
         """
         if nats.shape != targets.shape or prev.shape != targets.shape:
             raise ValueError(f"nats {tuple(nats.shape)}, targets {tuple(targets.shape)} and "
@@ -245,10 +251,68 @@ class BpbMeter:
         counts[0] += torch.where(mask, nbytes, 0).sum()
         counts[1] += mask.sum()
 
+    # -- by position: core derives targets, predecessors and bytes (the recommended API) -----
+    def _targets_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LUT bytes of each target at ``positions`` (0 where -1), scored mask). Positions must
+        be targets of the stream (1 <= p < len), each scored once: checked in :meth:`totals`
+        from counters, so adding never syncs the GPU."""
+        if self.stream is None:
+            raise ValueError(f"meter {self.name!r} has no stream; make it with ctx.meter")
+        positions = positions.long()
+        dev, n = positions.device, self.stream.numel()
+        if self._hits is None:
+            self._hits = torch.zeros(n, dtype=torch.int64, device=dev)
+            self._outside = torch.zeros((), dtype=torch.int64, device=dev)
+            self._stream = self.stream.to(dev)
+        scored = positions >= 0
+        self._outside += (scored & (positions >= n)).sum() + (positions == 0).sum()
+        safe = torch.where(scored, positions.clamp(1, n - 1), torch.ones_like(positions))
+        self._hits.index_add_(0, safe.flatten(), scored.flatten().long())
+        stream = self._stream
+        prev2 = torch.where(safe >= 2, stream[(safe - 2).clamp(min=0)], torch.full_like(safe, -1))
+        nbytes = self._lut_on(dev).target_bytes(stream[safe], stream[safe - 1], prev2)
+        return torch.where(scored, nbytes, torch.zeros_like(nbytes)), scored
+
+    def add_positions(self, positions: torch.Tensor, nats: torch.Tensor) -> None:
+        """Add exact NLLs (nats) of the targets at ``positions``: indices into the validation
+        stream (``ctx.val_tokens``), -1 where nothing is scored. Core reads the targets, their
+        predecessors and their exact LUT bytes from the stream itself."""
+        if positions.shape != nats.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} and nats "
+                             f"{tuple(nats.shape)} must have the same shape")
+        nbytes, scored = self._targets_at(positions)
+        sums, counts = self._accumulators(positions.device)
+        sums[0] += torch.where(scored, nats.double(), 0.0).sum()
+        counts[0] += nbytes.sum()
+        counts[1] += scored.sum()
+
+    def add_estimate_positions(self, positions: torch.Tensor, nats: torch.Tensor,
+                               var: torch.Tensor) -> None:
+        """Add Monte-Carlo estimates per unit (e.g. a sequence): ``positions`` ``[U, P]`` are
+        the stream positions each unit's estimate covers (-1 padding), ``nats`` ``[U]`` the
+        estimate and ``var`` ``[U]`` its variance. Bytes and tokens come from the positions."""
+        if self.kind == "exact":
+            raise ValueError(f"meter {self.name!r} is kind 'exact'; a Monte-Carlo estimate "
+                             "makes it an 'upper_bound' or a 'score'")
+        if positions.dim() != 2 or nats.shape != (positions.size(0),) or var.shape != nats.shape:
+            raise ValueError(f"positions must be [units, P] and nats, var [units]; got "
+                             f"{tuple(positions.shape)}, {tuple(nats.shape)}, {tuple(var.shape)}")
+        nbytes, scored = self._targets_at(positions)
+        sums, counts = self._accumulators(positions.device)
+        sums[0] += nats.double().sum()
+        sums[1] += var.double().sum()
+        counts[0] += nbytes.sum()
+        counts[1] += scored.sum()
+        counts[2] += 1
+
+    # -- by token values (older API: the caller supplies targets and predecessors) -------------
     def add_estimate(self, nats: torch.Tensor, var: torch.Tensor, bytes: torch.Tensor,
                      tokens: torch.Tensor) -> None:
         """Add Monte-Carlo estimates: per unit (e.g. sequence) nats, the variance of that
-        estimate, and the unit's LUT bytes and token count (from ``lut.target_bytes``)."""
+        estimate, and the unit's LUT bytes and token count (from ``lut.target_bytes``).
+
+        Deprecated in favour of :meth:`add_estimate_positions` (bytes derived by core); kept
+        working for existing plugins."""
         if self.kind == "exact":
             raise ValueError(f"meter {self.name!r} is kind 'exact'; a Monte-Carlo estimate "
                              "makes it an 'upper_bound' or a 'score'")
@@ -259,8 +323,22 @@ class BpbMeter:
         counts[1] += tokens.to(counts.device).long().sum()
         counts[2] += 1
 
+    def _check_positions(self) -> None:
+        if self._hits is None or self._outside is None:
+            return
+        n = self._hits.numel()
+        if int(self._outside) > 0:
+            raise ValueError(f"meter {self.name!r} was given positions that are not targets of "
+                             f"the {n}-token stream (targets are 1..{n - 1}; -1 = unscored)")
+        twice = int((self._hits > 1).sum())
+        if twice:
+            first = int((self._hits > 1).nonzero()[0])
+            raise ValueError(f"meter {self.name!r} scored {twice} stream position(s) more than "
+                             f"once (first: {first}); each target counts once per metric")
+
     def totals(self) -> tuple[float, float | None, int, int]:
         """(nats, variance or None if nothing was estimated, bytes, tokens), over all ranks."""
+        self._check_positions()
         if self._sums is None or self._counts is None:
             sums = torch.zeros(2, dtype=torch.float64, device=_dist_device())
             counts = torch.zeros(3, dtype=torch.int64, device=sums.device)

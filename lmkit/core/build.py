@@ -51,6 +51,37 @@ def new_model(model_cfg: ModelConfig, vocab_size: int, n_special: int = 0,
     return Transformer(model_cfg, vocab_size, n_special, context).to(device)
 
 
+def attach_objective_modules(objective: Any, model: Transformer) -> None:
+    """Build the objective's own trainable modules (``objective.modules(model_cfg)``, optional)
+    into ``model.objective_modules`` on the model's device, so they are trained, counted,
+    checkpointed and packed with the trunk; refuse modules it holds without declaring them."""
+    declared = dict(objective.modules(model.cfg)) if hasattr(objective, "modules") else {}
+    for name, module in declared.items():
+        if not (isinstance(name, str) and name.isidentifier()) or not isinstance(module,
+                                                                                torch.nn.Module):
+            raise LmkitError(f"objective {objective.name!r}: modules() must map identifier "
+                             f"names to torch.nn.Module, got {name!r}: {type(module).__name__}")
+        model.objective_modules[name] = module
+    model.to(next(model.parameters()).device)
+    check_declared(objective, model)
+
+
+def check_declared(objective: Any, model: Transformer) -> None:
+    """An nn.Module or nn.Parameter the objective holds must be one it declared in ``modules``
+    (else it would silently never be trained, saved, counted or packed)."""
+    owned = {id(x) for m in model.objective_modules.values()
+             for x in (*m.modules(), *m.parameters())}
+    for attr, value in vars(objective).items():
+        values = value.values() if isinstance(value, dict) else (
+            value if isinstance(value, (list, tuple)) else [value])
+        for v in values:
+            if isinstance(v, (torch.nn.Module, torch.nn.Parameter)) and id(v) not in owned:
+                raise LmkitError(
+                    f"objective {objective.name!r} holds a trainable {type(v).__name__} in "
+                    f"attribute {attr!r} that it did not declare: return it from "
+                    "`modules(cfg)` so it is trained, saved, counted and packed with the model")
+
+
 class CallCounter:
     """Counts forward passes of a model (every pass embeds its input exactly once), so no
     estimator or sampler can misreport its cost. A context manager: the hook goes on exit."""
@@ -176,5 +207,6 @@ def build(
     dev = resolve_device(str(device or cfg.train.device))
     torch.manual_seed(cfg.train.seed)
     model = new_model(model_cfg, tokens.vocab_size, len(tokens.special), dev, cfg.train.seq_len)
+    attach_objective_modules(objective, model)
     return Setup(cfg, dev, resolve_dtype(cfg.train.dtype, dev), tokenizer, tokens, objective,
                  model, data)

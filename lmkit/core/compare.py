@@ -55,6 +55,7 @@ class Entry:
     metrics: list[dict[str, Any]]
     eval: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # sanity rules the row breaks
 
     @property
     def tok_s(self) -> float | None:
@@ -187,10 +188,48 @@ def to_json(entries: list[Entry], extra: dict[str, Any] | None = None) -> dict[s
         "rows": [{
             "objective": e.objective, "run": str(e.run_dir), "params": e.params,
             "tokens": e.tokens, "train_seconds": round(e.train_seconds, 3), "tok_s": e.tok_s,
-            "metrics": e.metrics, **e.extra,
+            "metrics": e.metrics, "warnings": e.warnings, **e.extra,
         } for e in entries],
         "kinds": {k: kind_note(k) for k in KIND_NOTES},
     }
+
+
+def sanity_check(entries: list[Entry]) -> None:
+    """Flag rows that break what must hold (``Entry.warnings``; shown in every output).
+
+    * A bound or exact figure that beats a same-size (params within 2x) AR exact figure on the
+      same tokens: a diffusion model beating AR is a bug until proven otherwise.
+    * A run's upper bound below its own exact code length on the same tokens, beyond 2 stderr.
+    """
+    from lmkit.core.generate import can_judge
+
+    def margin(m: dict[str, Any]) -> float:
+        return 2 * (m.get("stderr") or 0.0)
+
+    references = [(e, m) for e in entries if can_judge(e.objective)
+                  for m in e.metrics if m["kind"] == "exact" and m["unit"] == "bpb"]
+    for e in entries:
+        e.warnings = []
+        mine = [m for m in e.metrics if m["unit"] == "bpb" and m["kind"] != "score"]
+        if not can_judge(e.objective):
+            for ref, r in references:
+                if not 0.5 <= e.params / max(ref.params, 1) <= 2:
+                    continue
+                for m in mine:
+                    if m["tokens"] == r["tokens"] and m["value"] < r["value"] - margin(m):
+                        e.warnings.append(
+                            f"{m['name']} {format_metric(m)} beats {ref.objective}'s exact "
+                            f"{r['name']} {format_metric(r)} on the same {r['tokens']:,} tokens "
+                            "at a similar size: a masked model beating AR is a bug until "
+                            "proven otherwise")
+        exact = [m for m in mine if m["kind"] == "exact"]
+        for b in (m for m in mine if m["kind"] == "upper_bound"):
+            for x in exact:
+                if b["tokens"] == x["tokens"] and b["value"] < x["value"] - margin(b):
+                    e.warnings.append(
+                        f"upper bound {b['name']} {format_metric(b)} is below this run's exact "
+                        f"code length {x['name']} {format_metric(x)} on the same tokens: the "
+                        "bound is broken, or the exact code is a looser, different code")
 
 
 def headline_cells(e: Entry) -> list[str]:
@@ -219,6 +258,9 @@ def to_markdown(entries: list[Entry], title: str = "lmkit compare") -> str:
     if first:
         lines.append(f"* Every metric is scored over {first['tokens']:,} validation tokens "
                      f"({first['bytes']:,} bytes) unless its JSON `tokens` says otherwise.")
+    flagged = [(e, w) for e in entries for w in e.warnings]
+    if flagged:
+        lines += ["", "## Warnings", ""] + [f"* **{e.objective}**: {w}" for e, w in flagged]
     return "\n".join(lines) + "\n"
 
 
@@ -356,5 +398,6 @@ def run_comparison(request: CompareRequest, observer: CompareObserver | None = N
         add_pack_columns(entries, log=log)
     if r.gen:
         add_generation_columns(entries, seed=r.flags.get("train.seed") or 0, log=log)
+    sanity_check(entries)
     files = write_report(out, entries, {"comparison": str(Path(out).resolve())})
     return out, entries, files

@@ -5,7 +5,7 @@ JSON contract. The scoring options are one value, :class:`Scoring`, shared with 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,19 +130,16 @@ def load_target(path: str | Path, device: str = "auto"
                 ) -> tuple[runs.Run, torch.nn.Module, dict[str, Any] | None]:
     """(run, model, artifact manifest) of a run directory (its checkpoint; no manifest) or of a
     packed artifact file (its dequantized round trip, with the run it was packed from)."""
-    from lmkit.core.artifact import load_artifact
+    from lmkit.core.artifact import model_from_tensors, read_artifact
 
     path = Path(path)
     dev = resolve_device(device)
     if not path.is_file():
         run = runs.load_run(path, dev)
         return run, run.model, None
-    model, manifest = load_artifact(path, dev)
+    manifest, tensors = read_artifact(path)
     run = runs.load_run(find_run_dir(path, manifest), dev)
-    if asdict(run.model.cfg) != asdict(model.cfg):
-        raise LmkitError(f"artifact {path} was packed from a model with another config than "
-                         f"the run in {run.path}; re-pack it from that run")
-    return run, model, manifest
+    return run, model_from_tensors(manifest, tensors, path, like=run.model).eval(), manifest
 
 
 def evaluate_artifact(path: str | Path, *, device: str = "auto", **scoring: Any) -> dict[str, Any]:

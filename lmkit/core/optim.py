@@ -154,7 +154,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
 
     if cfg.name == "adamw":
         big = roles["matrix"] + roles["embed"] + roles["head"]
-        big += [p for p in roles["cond"] if p.ndim >= 2]
+        big += [p for p in roles["cond"] + roles["objective"] if p.ndim >= 2]
         taken = {id(p) for p in big}
         small = [p for ps in roles.values() for p in ps if id(p) not in taken]
         groups = [
@@ -171,10 +171,12 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
             momentum=cfg.muon_momentum,
             ns_steps=cfg.muon_ns_steps,
         )
+        own = roles["objective"]
         groups = [
             _group("embed", roles["embed"], cfg.embed_lr),
-            _group("head", roles["head"], cfg.head_lr),
-            _group("scalar", roles["scalar"] + roles["cond"], cfg.scalar_lr),
+            _group("head", roles["head"] + [p for p in own if p.ndim >= 2], cfg.head_lr),
+            _group("scalar", roles["scalar"] + roles["cond"] + [p for p in own if p.ndim < 2],
+                   cfg.scalar_lr),
         ]
         groups = [g for g in groups if g["params"]]
         adam = torch.optim.Adam(groups, betas=betas, eps=cfg.eps, weight_decay=0.0, fused=fused)

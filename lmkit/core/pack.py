@@ -178,7 +178,7 @@ def quantize_and_write(run: runs.Run, path: Path, recipe: Recipe, *,
 
 def roundtrip_metrics(run: runs.Run, path: Path, **scoring: Any) -> dict[str, Any]:
     """Score the model read back from ``path`` with the run's objective (eval JSON)."""
-    model, _ = load_artifact(path, run.device)
+    model, _ = load_artifact(path, run.device, like=run.model)
     return evaluate_loaded(run, model=model, **scoring)
 
 

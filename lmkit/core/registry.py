@@ -32,6 +32,7 @@ BUILTIN_PLUGINS = (
     "lmkit.plugins.ar",
     "lmkit.plugins.mdlm",
     "lmkit.plugins.maskrecon",
+    "lmkit.plugins.mtp",
     "lmkit.plugins.samplers",
     "lmkit.plugins.corpora",
 )

@@ -17,7 +17,7 @@ import torch
 
 from lmkit.core import atomic, runs
 from lmkit.core import config as config_mod
-from lmkit.core.build import Setup, batch_geometry, build
+from lmkit.core.build import Setup, batch_geometry, build, check_declared
 from lmkit.core.checkpoint import load_checkpoint, save_checkpoint
 from lmkit.core.config import RunConfig
 from lmkit.core.data import DataSource, RotatingLoader, load_val_tokens
@@ -70,23 +70,39 @@ def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_frac: 
     return mult
 
 
+@dataclass
+class StepStats:
+    """One optimizer step: mean loss, mean of the objective's loss metrics, real tokens."""
+
+    loss: float
+    metrics: dict[str, float]
+    tokens: int
+
+
 def train_step(setup: Setup, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
-               loader: RotatingLoader, accum: int, step: int) -> float:
-    """One optimizer step over ``accum`` micro-batches; returns the mean loss."""
+               loader: RotatingLoader, accum: int, step: int) -> StepStats:
+    """One optimizer step over ``accum`` micro-batches."""
     loss_sum = torch.zeros((), device=setup.device)
+    metric_sums: dict[str, float] = {}
+    tokens = 0
     for _ in range(accum):
         batch = Batch(tokens=loader.next_batch().to(setup.device, non_blocking=True), step=step)
         with setup.autocast():
             out = setup.objective.loss(model, batch)
         (out.loss / accum).backward()
         loss_sum += out.loss.detach().float()
+        for key, value in out.metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        tokens += batch.tokens[:, 1:].numel() if out.tokens is None else int(out.tokens)
     if setup.cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(setup.model.parameters(), setup.cfg.optim.grad_clip)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return float(loss_sum) / accum  # one sync per step keeps the clock honest
+    # one sync per step keeps the clock honest
+    return StepStats(float(loss_sum) / accum, {k: v / accum for k, v in metric_sums.items()},
+                     tokens)
 
 
 def _write_run_files(run_dir: Path, setup: Setup, data: DataSource) -> None:
@@ -127,10 +143,11 @@ def train(
     budget = Budget(t.steps, t.tokens, t.time)
     log = runs.MetricsLog(run_dir / runs.METRICS_FILE)
 
-    step, tokens_seen, train_seconds = 0, 0, 0.0
+    step, tokens_seen, train_seconds, trained_tokens = 0, 0, 0.0, 0
     if resume:
         state = load_checkpoint(run_dir, model, optimizers)
         step, tokens_seen, train_seconds = state["step"], state["tokens"], state["seconds"]
+        trained_tokens = int(state.get("trained_tokens", tokens_seen))
         loader.load_state_dict(state["loader"])
         log.truncate_after(step)
     else:
@@ -165,22 +182,28 @@ def train(
     def checkpoint() -> None:
         save_checkpoint(run_dir, model, optimizers, {
             "step": step, "tokens": tokens_seen, "seconds": train_seconds,
-            "loader": loader.state_dict(),
+            "trained_tokens": trained_tokens, "loader": loader.state_dict(),
         })
 
     model.train()
     window_t0, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+    window_metrics: dict[str, float] = {}
     last_val: list[dict[str, Any]] = []
     while budget.progress(step, tokens_seen, train_seconds) < 1.0:
         t0 = time.perf_counter()
         progress = budget.progress(step, tokens_seen, train_seconds)
         mult = lr_multiplier(step, progress, t.warmup_steps, t.warmdown_frac)
         set_schedule(optimizers, cfg.optim, step, mult)
-        loss = train_step(setup, step_model, optimizers, loader, accum, step)
+        stats = train_step(setup, step_model, optimizers, loader, accum, step)
+        if step == 0:
+            check_declared(objective, model)  # a module created inside loss() is an error too
         step += 1
         tokens_seen += tokens_per_step
+        trained_tokens += stats.tokens
         window_tokens += tokens_per_step
-        window_loss += loss
+        window_loss += stats.loss
+        for key, value in stats.metrics.items():
+            window_metrics[key] = window_metrics.get(key, 0.0) + value
         window_n += 1
         train_seconds += time.perf_counter() - t0
 
@@ -193,6 +216,8 @@ def train(
             record = {
                 "type": "train", "step": step, "tokens": tokens_seen,
                 "seconds": round(train_seconds, 3), "loss": window_loss / window_n,
+                "trained_tokens": trained_tokens,
+                "loss_metrics": {k: v / window_n for k, v in window_metrics.items()},
                 "lr_mult": mult, "tok_s": tok_s,
                 "mfu": flops_tok * tok_s / peak if peak else None,
                 "progress": min(frac, 1.0),
@@ -201,6 +226,7 @@ def train(
             log.write(record)
             observer.on_log(record)
             window_t0, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+            window_metrics = {}
         if t.val_every and step % t.val_every == 0 and not done:
             last_val = validate()
             window_t0 = time.perf_counter()
@@ -211,7 +237,8 @@ def train(
     checkpoint()
     summary = {
         "run_dir": str(run_dir), "objective": cfg.objective, "steps": step,
-        "tokens": tokens_seen, "seconds": train_seconds, "params": n_params,
+        "tokens": tokens_seen, "trained_tokens": trained_tokens, "seconds": train_seconds,
+        "params": n_params,
         "tok_s": tokens_seen / train_seconds if train_seconds else None, "val": last_val,
     }
     observer.on_end(summary)

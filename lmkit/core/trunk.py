@@ -313,6 +313,9 @@ class Transformer(nn.Module):
         # An untied head has a row per embedding row (padded); logits are sliced to vocab_size.
         self.head = None if cfg.tie_embeddings else zero_linear(d, self.padded_vocab)
         self.rotary = Rotary(d // cfg.n_head, cfg.rope_base, context)
+        # Trainable modules an objective declares (extra heads, a learned schedule, ...): part of
+        # the model, so they are counted, optimized, checkpointed and packed with it.
+        self.objective_modules = nn.ModuleDict()
         if cfg.tie_embeddings:
             nn.init.normal_(self.embed.weight, mean=0.0, std=cfg.embed_init_std)
 
@@ -386,8 +389,8 @@ class Transformer(nn.Module):
 
         ``matrix``: attention/MLP weights inside the blocks (Muon's share); ``embed``: the token
         embedding (also the head when tied); ``head``: the untied head; ``cond``: time MLP and
-        AdaLN layers; ``scalar``: gains, scales, mixes, skip weights. Every parameter is in
-        exactly one list.
+        AdaLN layers; ``objective``: the objective's own modules; ``scalar``: gains, scales,
+        mixes, skip weights. Every parameter is in exactly one list.
         """
         groups: dict[str, list[nn.Parameter]] = {
             "matrix": [
@@ -398,6 +401,7 @@ class Transformer(nn.Module):
             "embed": [self.embed.weight],
             "head": [] if self.head is None else [self.head.weight],
             "cond": [],
+            "objective": list(self.objective_modules.parameters()),
         }
         if self.time_embed is not None:
             cond_modules = [self.time_embed] + [b.adaln for b in self.blocks]

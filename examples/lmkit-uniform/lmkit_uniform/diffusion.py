@@ -178,7 +178,6 @@ class UniformDiffusion:
             raise LmkitError(f"the validation prefix holds {val.numel() - 1} targets, fewer than "
                              f"one window of {seq}; raise --max-tokens")
         positions = 1 + torch.arange(n_rows * seq).view(n_rows, seq)  # stream index per target
-        padded = torch.cat([torch.tensor([-1]), val])  # padded[j + 1] = val[j]
         gen = torch.Generator(device=ctx.device).manual_seed(seed)
         meter = ctx.meter(f"nelbo_T{steps}", "upper_bound", {
             "estimator": f"discrete-time NELBO, T={steps}, Monte Carlo over steps, exact KL",
@@ -189,8 +188,7 @@ class UniformDiffusion:
         })
         for b in range(0, n_rows, ctx.batch_size):
             pos = positions[b:b + ctx.batch_size]
-            x0, prev, prev2 = (val[pos].to(ctx.device), val[pos - 1].to(ctx.device),
-                               padded[pos - 1].to(ctx.device))
+            x0 = val[pos].to(ctx.device)
             rows = x0.size(0)
             per_row = torch.empty(rows, samples, dtype=torch.float64, device=ctx.device)
             step_i = torch.stack([stratified_steps(samples, steps, gen, ctx.device)
@@ -199,9 +197,9 @@ class UniformDiffusion:
                 with ctx.autocast():
                     nats = self.step_nats(model, x0, step_i[:, k], steps, gen, torch.float64)
                 per_row[:, k] = nats.sum(dim=1)
-            n_bytes = ctx.lut.target_bytes(x0, prev, prev2).sum(dim=1)  # core's exact LUT
-            meter.add_estimate(per_row.mean(dim=1), per_row.var(dim=1) / samples, n_bytes,
-                               torch.full((rows,), seq, device=ctx.device))
+            # each row's estimate covers its targets' stream positions; core counts their bytes
+            meter.add_estimate_positions(pos.to(ctx.device), per_row.mean(dim=1),
+                                         per_row.var(dim=1) / samples)
             ctx.progress(min(b + ctx.batch_size, n_rows), n_rows)
         return meter.metric()
 

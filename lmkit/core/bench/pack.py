@@ -121,7 +121,7 @@ def bench_pack(
                 path = Path(tmp) / f"{i}-{recipe.file_name}"
                 facts = quantize_and_write(run, path, recipe)
                 t0 = time.perf_counter()
-                model, _ = load_artifact(path, dev)
+                model, _ = load_artifact(path, dev, like=run.model)
                 _, after, _ = block_bits(run, model, chunks, dtype=dtype)
                 after_by_recipe[(b, method)] = after
                 pen, se = paired_difference(after, before, nbytes)
