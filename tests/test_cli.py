@@ -189,3 +189,38 @@ def test_help_and_version_do_not_import_torch(args):
 def test_a_bad_opt_is_reported_as_an_opt(tmp_path, capsys):
     code, _, err = run_cli(["eval", str(tmp_path), "--opt", "foo"], capsys)
     assert code == 1 and "--opt 'foo': expected key=value" in err and "--set" not in err
+
+
+def test_counts_take_the_forms_people_write(data_copy, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--objective", "ar", "--preset", "tiny", "--data", str(data_copy),
+            "--out", str(run), "--tokens", "0.5k", "--json", "--quiet", *FAST]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert json.loads(out)["tokens"] == 512  # 500 tokens is two 256-token steps
+    code, out, err = run_cli(["eval", str(run), "--json", "--max-tokens", "1_000"], capsys)
+    assert code == 0, err and json.loads(out)["metrics"][0]["tokens"] <= 1000
+    code, _, err = run_cli(["eval", str(run), "--max-tokens", "1.5"], capsys)
+    assert code != 0 and "not a whole number" in err
+
+
+def test_runs_lists_runs_newest_first_without_torch(data_copy, tmp_path, capsys):
+    for name in ("first", "second"):
+        code, _, err = run_cli(train_args(data_copy, tmp_path / "runs" / name), capsys)
+        assert code == 0, err
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "run.json").write_text("{not json")
+    code, out, err = run_cli(["runs", str(tmp_path), "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    good = [r for r in rows if r["readable"]]
+    assert [Path(r["path"]).name for r in good] == ["second", "first"]
+    assert all(r["objective"] == "ar" and r["checkpoint_step"] == 2 for r in good)
+    assert good[0]["latest_val"]["name"] == "nll" and good[0]["latest_val"]["kind"] == "exact"
+    assert any(not r["readable"] for r in rows)  # a damaged run is listed, not a traceback
+    code = ("import sys\nfrom lmkit.cli import main\n"
+            f"try:\n    main(['runs', {str(tmp_path)!r}])\nexcept SystemExit:\n    pass\n"
+            "sys.stdout.write('\\nTORCH' if 'torch' in sys.modules else '\\nNO-TORCH')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.rstrip().endswith("NO-TORCH"), result.stderr[-300:]

@@ -12,7 +12,7 @@ import click
 
 from lmkit import __version__
 from lmkit.cli.display import TrainDisplay, console, emit_json, metrics_table, output
-from lmkit.cli.options import objective_options, scoring_options
+from lmkit.cli.options import Count, objective_options, scoring_options
 from lmkit.errors import LmkitError
 
 
@@ -84,8 +84,9 @@ def train_options(fn):
                      help="Tokenizer of --data when the directory has none."),
         click.option("--preset",
                      help="tiny | small | pg-baseline | pg-mdlm (see `lmkit presets`)."),
-        click.option("--steps", type=int, help="Budget: optimizer steps."),
-        click.option("--tokens", type=int, help="Budget: training tokens."),
+        click.option("--steps", type=Count(min=1), help="Budget: optimizer steps."),
+        click.option("--tokens", type=Count(min=1),
+                     help="Budget: training tokens (1500000, 1.5M, 1_500_000 and 1.5e6 alike)."),
         click.option("--time", "seconds", type=float, help="Budget: seconds of training."),
         click.option("--seed", type=int, help="Seed for init, data order and masks."),
         click.option("--device", help="auto | cpu | cuda | cuda:N."),
@@ -191,7 +192,7 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_s
 @train_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Comparison directory [default: comparisons/<timestamp>].")
-@click.option("--max-tokens", type=int, help="Score a prefix of the validation stream.")
+@click.option("--max-tokens", type=Count(min=1), help="Score a prefix of the validation stream.")
 @click.option("--force", is_flag=True, help="Compare runs whose data or tokenizer differ.")
 @click.option("--pack", "with_pack", is_flag=True,
               help="Also pack each run (int6 GPTQ/LZMA) and report artifact bytes and round trip.")
@@ -292,6 +293,45 @@ def samplers(as_json: bool) -> None:
     _list_entries("sampler", as_json)
 
 
+@cli.command("runs")
+@click.argument("root", required=False, default=".", type=click.Path(file_okay=False,
+                                                                      path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON list, newest run first.")
+def runs_cmd(root: Path, as_json: bool) -> None:
+    """List the runs under ROOT (default: here), newest first: objective, preset, tokens,
+    checkpoint step and the latest validation figure with its kind."""
+    import datetime as dt
+
+    from lmkit.core.kinds import format_metric
+    from lmkit.core.runlist import list_runs
+
+    if not root.is_dir():
+        raise LmkitError(f"{root} is not a directory; pass the folder that holds your runs")
+    rows = list_runs(root)
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        output.print(f"no runs under {root} (a run is a directory with a run.json)")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"lmkit runs under {root.resolve()}")
+    for col in ("modified", "objective", "preset", "tokens", "step", "latest validation", "path"):
+        table.add_column(col, justify="right" if col in ("tokens", "step") else "left")
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r["modified"]).strftime("%Y-%m-%d %H:%M") \
+            if r["modified"] else "-"
+        val = r["latest_val"]
+        shown = f"{val['name']} {format_metric(val, unit=True)}" if val and val.get("kind") \
+            in ("exact", "upper_bound", "score") else "-"
+        table.add_row(when, str(r["objective"] or "?"), str(r["preset"] or "?"),
+                      f"{r['tokens']:,}" if isinstance(r["tokens"], int) else "-",
+                      str(r["checkpoint_step"] if r["checkpoint_step"] is not None else "-"),
+                      shown, r["path"])
+    output.print(table)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def presets(as_json: bool) -> None:
@@ -343,7 +383,8 @@ def bench_train(preset: str, objective: str, steps: int, warmup: int, device: st
 
 @bench.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--max-tokens", type=int, help="Evaluate a prefix of the validation stream.")
+@click.option("--max-tokens", type=Count(min=1),
+              help="Evaluate a prefix of the validation stream.")
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
               help="An evaluation option of the run's objective (repeatable).")
 @click.option("--device", default="auto", show_default=True)

@@ -10,8 +10,29 @@ import click
 
 from lmkit.errors import LmkitError
 
+
+class Count(click.ParamType):
+    """An integer option that also takes 1e6, 1_000_000, 1.5M or 2k."""
+
+    name = "count"
+
+    def __init__(self, min: int | None = None):
+        self.min = min
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        from lmkit.core.units import parse_count
+
+        try:
+            count = parse_count(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if self.min is not None and count < self.min:
+            self.fail(f"{count} is smaller than the minimum {self.min}", param, ctx)
+        return count
+
+
 SCORING_OPTIONS = (
-    click.option("--max-tokens", type=int,
+    click.option("--max-tokens", type=Count(min=1),
                  help="Score only this many targets: a deterministic prefix of the validation "
                       "stream."),
     click.option("--stride", type=int,

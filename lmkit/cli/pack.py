@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from lmkit.cli.display import console, emit_json, metric_cell, output
-from lmkit.cli.options import objective_options, scoring_options
+from lmkit.cli.options import Count, objective_options, scoring_options
 from lmkit.core.defaults import DEFAULT_CALIB_TOKENS, DEFAULT_CAP_BYTES
 
 
@@ -18,13 +18,13 @@ from lmkit.core.defaults import DEFAULT_CALIB_TOKENS, DEFAULT_CAP_BYTES
                    "8: per-row int8, zlib (the parameter-golf baseline).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]),
               help="Rounding of the matrices [default: gptq for 6 bits, rtn for 8].")
-@click.option("--cap-bytes", type=click.IntRange(min=1), default=DEFAULT_CAP_BYTES,
+@click.option("--cap-bytes", type=Count(min=1), default=DEFAULT_CAP_BYTES,
               show_default=True,
               help="Artifact size limit in DECIMAL bytes (16,000,000 is not 16 MiB); ±1 values "
                    "are pruned until the file fits.")
 @click.option("--compression", type=click.Choice(["zlib", "lzma"]),
               help="[default: zlib for the int8 baseline, lzma otherwise]")
-@click.option("--calib-tokens", type=click.IntRange(min=1), default=DEFAULT_CALIB_TOKENS,
+@click.option("--calib-tokens", type=Count(min=1), default=DEFAULT_CALIB_TOKENS,
               show_default=True,
               help="Training tokens for GPTQ's Hessians (training shards, never validation).")
 @scoring_options
@@ -78,14 +78,14 @@ def _bit_widths(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--bits", default="6", show_default=True, callback=_bit_widths,
               help="Widths at which to compare rtn and gptq, e.g. 6,5,4 (int8/zlib always runs).")
-@click.option("--max-tokens", type=int,
+@click.option("--max-tokens", type=Count(min=1),
               help="Validation targets scored per model [default: the whole validation set].")
 @click.option("--blocks", type=click.IntRange(min=2), default=8, show_default=True,
               help="Disjoint validation blocks; the spread of paired differences across them "
                    "gives each penalty's stderr.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Evaluation precision (bf16 rounding moves a score by ~5e-5 bpb).")
-@click.option("--calib-tokens", type=click.IntRange(min=1), default=DEFAULT_CALIB_TOKENS,
+@click.option("--calib-tokens", type=Count(min=1), default=DEFAULT_CALIB_TOKENS,
               show_default=True, help="Training tokens for GPTQ's Hessians.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)

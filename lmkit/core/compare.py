@@ -301,7 +301,10 @@ def plot_curves(entries: list[Entry], path: Path) -> Path | None:
         errors = [r["metrics"][0]["stderr"] or 0.0 for r in vals]
         ax.errorbar([r["tokens"] for r in vals], [r["metrics"][0]["value"] for r in vals],
                     yerr=errors if any(errors) else None, marker="o", capsize=3, label=label)
-    ax.set_xlabel("training tokens seen")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M"))
+    ax.set_xlabel("training tokens seen (millions)")
     ax.set_ylabel("validation bits per byte")
     ax.set_title("lmkit compare: validation bpb during training")
     ax.grid(alpha=0.3)

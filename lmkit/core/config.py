@@ -17,6 +17,7 @@ from typing import Any
 
 from lmkit.core.optim import OptimConfig
 from lmkit.core.trunk import ModelConfig
+from lmkit.core.units import parse_count
 from lmkit.errors import LmkitError
 
 
@@ -123,11 +124,7 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
                 return False
             raise ValueError(value)
         if typ is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            if isinstance(value, str) and "e" in value.lower():
-                return int(float(value))  # 1e6 on the command line
-            return int(value)
+            return parse_count(value)  # 1e6, 1_000_000, 1.5M, 2k on the command line
         if typ is float:
             return float(value)
         if typ is str:
