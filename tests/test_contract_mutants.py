@@ -8,7 +8,6 @@ the problem; ``ar`` passes the same checks.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import pytest
@@ -16,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkit import LossOutput, hookimpl
-from lmkit.core import registry as registry_mod
-from lmkit.core.registry import Registry
+from lmkit import LossOutput
 from lmkit.testing import ContractError, objective_contract
+from tests.conftest import registered_plugin
 
 pytestmark = pytest.mark.slow  # each mutant runs the whole contract: the slow run has them
 
@@ -194,15 +192,8 @@ MUTANTS = [
 
 @pytest.fixture(scope="module")
 def mutants():
-    plugin = types.ModuleType("lmkit_mutants")
-    plugin.register_objectives = hookimpl(
-        lambda register: [register(cls) for cls in (Causal, *(m[0] for m in MUTANTS))])
-    reg = Registry()
-    reg.load(entry_points=False)
-    reg.add_plugin(plugin, "mutants", "lmkit-mutants", "0")
-    registry_mod.reset_registry(reg)
-    yield
-    registry_mod.reset_registry(None)
+    with registered_plugin("mutants", objectives=[Causal, *(m[0] for m in MUTANTS)]):
+        yield
 
 
 @pytest.mark.parametrize("cls, check, message", MUTANTS, ids=[m[0].name for m in MUTANTS])

@@ -6,7 +6,6 @@ objective that holds a module it did not declare is refused, naming the attribut
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import pytest
@@ -14,9 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lmkit import hookimpl
 from lmkit.builtin.ar import ARObjective
-from lmkit.core import registry as registry_mod
 from lmkit.core import runs
 from lmkit.core.build import build
 from lmkit.core.config import resolve_config
@@ -24,9 +21,9 @@ from lmkit.core.data import open_data
 from lmkit.core.evaluate import evaluate_artifact, evaluate_loaded
 from lmkit.core.pack import pack_run
 from lmkit.core.plan import plan_training
-from lmkit.core.registry import Registry
 from lmkit.core.train import train
 from lmkit.errors import LmkitError
+from tests.conftest import registered_plugin
 
 FAST = ["train.seq_len=32", "train.batch_tokens=256", "train.log_every=2",
         "train.val_tokens=512", "train.dtype=fp32"]
@@ -123,14 +120,8 @@ class Sneaky(ARObjective):
 
 @pytest.fixture
 def sneaky():
-    plugin = types.ModuleType("lmkit_sneaky")
-    plugin.register_objectives = hookimpl(lambda register: register(Sneaky))
-    reg = Registry()
-    reg.load(entry_points=False)
-    reg.add_plugin(plugin, "sneaky", "lmkit-sneaky", "0")
-    registry_mod.reset_registry(reg)
-    yield
-    registry_mod.reset_registry(None)
+    with registered_plugin("sneaky", objectives=[Sneaky]):
+        yield
 
 
 def test_an_undeclared_module_is_an_error_naming_it(tiny_data, sneaky):

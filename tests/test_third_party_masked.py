@@ -4,17 +4,15 @@ the built-ins: samplers serve capabilities, not objective names."""
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import pytest
 
 import lmkit
-from lmkit import hookimpl
 from lmkit.core import registry as registry_mod
 from lmkit.core.generate import resolve_sampler, served_by
-from lmkit.core.registry import Registry
 from lmkit.testing import objective_contract, sampler_contract
+from tests.conftest import registered_plugin
 
 
 @dataclass
@@ -55,14 +53,8 @@ class HalfMasked:
 
 @pytest.fixture
 def halfmasked():
-    plugin = types.ModuleType("lmkit_halfmasked")
-    plugin.register_objectives = hookimpl(lambda register: register(HalfMasked))
-    reg = Registry()
-    reg.load(entry_points=False)
-    reg.add_plugin(plugin, "halfmasked", "lmkit-halfmasked", "0.1")
-    registry_mod.reset_registry(reg)
-    yield
-    registry_mod.reset_registry(None)
+    with registered_plugin("halfmasked", objectives=[HalfMasked]):
+        yield
 
 
 def test_masked_samplers_serve_a_third_party_masked_objective(halfmasked):

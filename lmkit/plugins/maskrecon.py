@@ -7,9 +7,8 @@ plugin can keep its entry-point module light the same way.
 
 from __future__ import annotations
 
-from typing import Any
-
 from lmkit import hookimpl
+from lmkit.plugins import forward_to
 
 
 @hookimpl
@@ -19,10 +18,4 @@ def register_objectives(register):
     register(MaskReconObjective)
 
 
-def __getattr__(name: str) -> Any:  # `from lmkit.plugins.maskrecon import X` keeps working
-    import lmkit.builtin.maskrecon as impl
-
-    try:
-        return getattr(impl, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = forward_to("lmkit.builtin.maskrecon", __name__)  # the other names

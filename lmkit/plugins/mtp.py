@@ -6,9 +6,8 @@ runs, so loading plugins (``lmkit --help``, ``--version``) never imports torch.
 
 from __future__ import annotations
 
-from typing import Any
-
 from lmkit import hookimpl
+from lmkit.plugins import forward_to
 
 
 @hookimpl
@@ -18,10 +17,4 @@ def register_objectives(register):
     register(MTPObjective)
 
 
-def __getattr__(name: str) -> Any:  # `from lmkit.plugins.mtp import X` works
-    import lmkit.builtin.mtp as impl
-
-    try:
-        return getattr(impl, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = forward_to("lmkit.builtin.mtp", __name__)  # the other names
