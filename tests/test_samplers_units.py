@@ -141,7 +141,7 @@ def test_builtin_samplers_declare_what_they_need_not_whom_they_serve():
     assert not any(hasattr(e.obj, "objectives") for e in reg.entries["sampler"].values())
     served = {n: served_by(e) for n, e in get_registry().entries["sampler"].items()
               if e.plugin == "lmkit.plugins.samplers"}
-    assert served == {"ar": ["ar"], "ddpm": ["mdlm", "maskrecon"],
+    assert served == {"ar": ["ar", "mtp"], "ddpm": ["mdlm", "maskrecon"],
                       "ddpm_cache": ["mdlm", "maskrecon"], "confidence": ["mdlm", "maskrecon"]}
     assert all(e.plugin == "lmkit.plugins.samplers" for e in reg.entries["sampler"].values())
     assert resolve_sampler("maskrecon", None).name == "ddpm"
