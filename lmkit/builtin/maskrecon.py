@@ -15,9 +15,12 @@ import torch
 
 from lmkit.core.bpb import Metric
 from lmkit.core.masking import (
+    RNG_DESCRIPTION,
     MaskedEvalOptions,
+    common_detail,
     eval_rows,
     evaluate_masked,
+    keyed_uniforms,
     mask_tokens,
     masked_nats,
     masked_spec,
@@ -75,50 +78,53 @@ class MaskReconObjective:
     def recon_score(self, model: Transformer, ctx: EvalContext) -> Metric:
         """mean_t (Σ masked CE / #masked) / t over all rows, per token, through the byte meter.
 
-        Its standard error comes from group means: the rows are split into up to 16 groups and
-        the score's spread across groups is scaled down to the whole.
+        Row r's masks at the i-th time come from the generator keyed (seed, "recon_score", r, i),
+        so the value does not depend on the batch size or the validation prefix. The score is a
+        ratio of sums over rows; its standard error is the delta method's, with rows as the
+        independent units (it includes the spread between rows, so it is conservative for the
+        Monte-Carlo error alone).
         """
         spec = self.spec
         rows = eval_rows(ctx.val_tokens, ctx.seq_len, spec)
         if len(rows) < 2:
             raise LmkitError("recon_score needs at least 2 sequences; raise --max-tokens")
-        seed = ctx.seed + 100
-        gen = torch.Generator(device=ctx.device).manual_seed(seed)
+        seed, stream = ctx.seed, "recon_score"
+        seq = rows.positions.size(1)
         ce = torch.zeros(len(RECON_TIMES), len(rows), dtype=torch.float64)
         count = torch.zeros(len(RECON_TIMES), len(rows), dtype=torch.float64)
         tokens = torch.zeros(len(rows), dtype=torch.long)
         bytes_ = torch.zeros(len(rows), dtype=torch.long)
-        r = 0
-        for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device):
-            n = rb.x0.size(0)
-            for i, t in enumerate(RECON_TIMES):
-                p = torch.full((n,), t, device=ctx.device)
-                xt, masked = mask_tokens(rb.x0, p, rb.maskable, spec.mask_id, gen)
-                with ctx.autocast():
-                    nats = masked_nats(model, xt, rb.x0, masked, None)
-                ce[i, r:r + n] = nats.double().sum(dim=1).cpu()
-                count[i, r:r + n] = masked.sum(dim=1).double().cpu()
-            tokens[r:r + n] = rb.maskable.sum(dim=1).cpu()
-            bytes_[r:r + n] = row_bytes(ctx, rb).cpu()
-            r += n
-        times = torch.tensor(RECON_TIMES, dtype=torch.float64)
-
-        def score(cols: slice) -> torch.Tensor:  # nats per token
-            loss_t = ce[:, cols].sum(1) / count[:, cols].sum(1).clamp(min=1)
-            return (loss_t / times).mean()
-
-        groups = torch.arange(len(rows)).tensor_split(min(16, len(rows)))
-        per_group = torch.stack([score(slice(int(g[0]), int(g[-1]) + 1)) for g in groups])
-        var_per_token = per_group.var(unbiased=True) / len(groups)
-        n_tokens = tokens.sum().double()
         meter = ctx.meter("recon_score", "score", {
             "estimator": "PR #1596: mean over t of (mean masked cross-entropy at rate t) / t",
-            "times": list(RECON_TIMES), "sequences": len(rows), "seed": seed,
+            "times": list(RECON_TIMES), "seed": seed, "rng": RNG_DESCRIPTION, "stream": stream,
             "note": "a score, not a likelihood or a bound: the ELBO weights the masked "
                     "cross-entropy sum by 1/t, not its mean",
-            "stderr_method": f"group means over {len(groups)} groups of sequences",
+            "stderr_method": "delta method of the ratio of sums, rows as independent units",
+            **common_detail(spec, rows),
         })
-        meter.add_estimate((score(slice(None)) * n_tokens).view(1),
-                           (var_per_token * n_tokens**2).view(1),
+        for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device):
+            n = rb.x0.size(0)
+            r = slice(rb.start, rb.start + n)
+            u = keyed_uniforms(seed, stream, range(r.start, r.stop), len(RECON_TIMES), seq,
+                               ctx.device)
+            for i, t in enumerate(RECON_TIMES):
+                masked = (u[:, i] < t) & rb.maskable
+                xt = torch.where(masked, torch.full_like(rb.x0, spec.mask_id), rb.x0)
+                with ctx.autocast():
+                    nats = masked_nats(model, xt, rb.x0, masked, None)
+                ce[i, r] = nats.double().sum(dim=1).cpu()
+                count[i, r] = masked.sum(dim=1).double().cpu()
+            tokens[r] = rb.maskable.sum(dim=1).cpu()
+            bytes_[r] = row_bytes(ctx, rb).cpu()
+        times = torch.tensor(RECON_TIMES, dtype=torch.float64)
+        totals = count.sum(dim=1).clamp(min=1)
+        ratio = ce.sum(dim=1) / totals                      # mean masked CE at each t
+        score = (ratio / times).mean()                      # nats per token
+        # linearised per-row contributions: they sum to 0, their spread is the score's
+        z = ((ce - ratio[:, None] * count) / (totals * times)[:, None]).mean(dim=0)
+        m = len(rows)
+        var_per_token = z.pow(2).sum() * m / (m - 1)
+        n_tokens = tokens.sum().double()
+        meter.add_estimate((score * n_tokens).view(1), (var_per_token * n_tokens**2).view(1),
                            bytes_.sum().view(1), tokens.sum().view(1))
         return meter.metric()

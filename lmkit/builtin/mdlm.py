@@ -1,10 +1,13 @@
 """MDLM: masked diffusion trained on the continuous-time NELBO with the ELBO's own weight.
 
 The parameter-golf MDLM submissions weighted the masked cross-entropy by ``dσ/dt`` (#1106/#1241);
-the ELBO's weight is ``dσ/dt / expm1(σ) = −α'/(1−α) = 1/t``. Here the loss *is* the per-token
-Monte-Carlo NELBO (stratified t across the batch), so the training curve and ``nelbo_mc`` measure
-the same quantity. Evaluation reports the continuous and discrete-time bounds and the exact
-left-to-right chain rule (see :mod:`lmkit.core.masking`).
+the ELBO's weight is ``dσ/dt / expm1(σ) = −α'/(1−α) = 1/t``. Here the loss is the per-token
+Monte-Carlo NELBO with that weight (t stratified over [ε, 1] across the batch, normalised by
+1/(1−ε)), so the training curve estimates what ``nelbo_mc`` measures, up to the [0, ε) sliver
+(about ε relative; ``nelbo_mc`` integrates over all of [0, 1]) and without the prior term.
+Evaluation reports the continuous and discrete-time bounds and the exact chain rule (see
+:mod:`lmkit.core.masking`). In document mode (``options.documents``) the loss reports the real,
+non-PAD tokens of each micro-batch as the tokens it trained on.
 """
 
 from __future__ import annotations
@@ -58,7 +61,10 @@ class MDLMObjective:
         xt, masked = mask_tokens(x0, sched.mask_prob(t), maskable, spec.mask_id)
         nats = masked_nats(model, xt, x0, masked, spec.cond(t))
         per_row = nats.sum(dim=1) * sched.weight(t)
-        return LossOutput(per_row.sum() / maskable.sum().clamp(min=1))
+        loss = per_row.sum() / maskable.sum().clamp(min=1)
+        if spec.documents:  # PAD fills each window past its document's end: not trained on
+            return LossOutput(loss, tokens=int((x0 != spec.pad_id).sum()))
+        return LossOutput(loss)
 
     def evaluate(self, model: Transformer, ctx: EvalContext) -> list[Metric]:
         return evaluate_masked(model, ctx, self.spec)
