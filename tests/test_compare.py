@@ -143,3 +143,17 @@ def test_sanity_rules_flag_impossible_rows_everywhere():
     assert "below this run's exact code length chain_rule" in beats.warnings[1]
     assert to_json([ar, beats])["rows"][1]["warnings"] == beats.warnings
     assert "## Warnings" in to_markdown([ar, beats]) and "## Warnings" not in to_markdown([ar])
+
+
+def test_free_information_is_marked_in_every_table():
+    from lmkit.core.compare import Entry, to_markdown
+    from lmkit.core.kinds import format_metric
+
+    given = {"name": "nelbo_mc", "kind": "upper_bound", "value": 2.0, "unit": "bpb",
+             "stderr": 0.01, "tokens": 10, "bytes": 20,
+             "detail": {"free_information": ["bos_anchor"]}}
+    plain = {**given, "detail": {"free_information": []}}
+    assert format_metric(given).endswith("†") and "†" not in format_metric(plain)
+    md = to_markdown([Entry("mdlm", Path("m"), 1, 1, 1.0, [given], {})])
+    assert "≤2.0000 ± 0.0100†" in md and "† given free information" in md
+    assert "†" not in to_markdown([Entry("mdlm", Path("m"), 1, 1, 1.0, [plain], {})])

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lmkit.core.kinds import KIND_NOTES, format_metric, kind_note
+from lmkit.core.kinds import format_metric, legend
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress and logs
 output = Console(highlight=False, soft_wrap=True)  # a command's results, on stdout
@@ -113,9 +113,8 @@ class TrainDisplay:
 
 def metrics_table(result: dict[str, Any], details: bool = False) -> Table:
     step = result["checkpoint"]["step"]
-    kinds = [k for k in KIND_NOTES if any(m["kind"] == k for m in result["metrics"])]
     table = Table(title=f"{result['objective']} · {result['run']} · step {step}",
-                  caption="\n".join(kind_note(k) for k in kinds), caption_justify="left")
+                  caption="\n".join(legend(result["metrics"])), caption_justify="left")
     for col in ("metric", "value", "tokens", "bytes", "estimator"):
         table.add_column(col, justify="right" if col in ("tokens", "bytes") else "left",
                          no_wrap=col != "estimator")
@@ -169,10 +168,10 @@ def compare_tables(entries: list[Any]) -> list[Any]:
         runs_table.add_column(col, justify="right")
     for e in entries:
         runs_table.add_row(*headline_cells(e), *[str(e.extra.get(c, "")) for c in extra_cols])
-    kinds = [k for k in KIND_NOTES if any(m["kind"] == k for e in entries for m in e.metrics)]
     units = {m["name"]: m["unit"] for e in entries for m in e.metrics}
     metrics = Table(title="validation metrics (bpb: same tokens, exact LUT bytes)",
-                    caption="\n".join(kind_note(k) for k in kinds), caption_justify="left")
+                    caption="\n".join(legend([m for e in entries for m in e.metrics])),
+                    caption_justify="left")
     metrics.add_column("metric")
     for e in entries:
         metrics.add_column(e.objective, justify="right", no_wrap=True)

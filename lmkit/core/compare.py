@@ -21,7 +21,7 @@ from lmkit.core.build import batch_geometry
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_for_training
 from lmkit.core.evaluate import evaluate_run
-from lmkit.core.kinds import KIND_MARKS, KIND_NOTES, format_metric, kind_note
+from lmkit.core.kinds import KIND_MARKS, KIND_NOTES, format_metric, kind_note, legend
 from lmkit.core.registry import get_objective
 from lmkit.core.train import NullObserver, TrainObserver, train
 from lmkit.errors import LmkitError
@@ -252,8 +252,8 @@ def to_markdown(entries: list[Entry], title: str = "lmkit compare") -> str:
         row = headline_cells(e) + [cell(by.get(n)) for n in names] + [str(e.extra.get(c, ""))
                                                                  for c in extra_cols]
         lines.append("| " + " | ".join(row) + " |")
-    kinds = [k for k in KIND_NOTES if any(m["kind"] == k for e in entries for m in e.metrics)]
-    lines += ["", *[f"* {kind_note(k, markdown=True)}" for k in kinds]]
+    lines += ["", *[f"* {note}" for note in legend([m for e in entries for m in e.metrics],
+                                                   markdown=True)]]
     first = entries[0].metrics[0] if entries and entries[0].metrics else None
     if first:
         lines.append(f"* Every metric is scored over {first['tokens']:,} validation tokens "

@@ -26,9 +26,27 @@ def kind_note(kind: str, markdown: bool = False) -> str:
     return f"{f'`{mark}`' if markdown else mark} {KIND_NOTES[kind]}"
 
 
+FREE_MARK = "†"
+FREE_NOTE = ("† given free information (BOS anchoring, document boundaries) that an AR model "
+             "pays for: not comparable with AR's figures")
+
+
+def has_free_information(m: dict[str, Any]) -> bool:
+    return bool((m.get("detail") or {}).get("free_information"))
+
+
 def format_metric(m: dict[str, Any] | None, unit: bool = False) -> str:
-    """A metric as one cell: its mark, value and ± stderr where estimated (and its unit)."""
+    """A metric as one cell: its mark, value and ± stderr where estimated (and its unit), with
+    ``†`` when it was given free information."""
     if m is None:
         return ""
     err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
-    return f"{KIND_MARKS[m['kind']]}{m['value']:.4f}{err}" + (f" {m['unit']}" if unit else "")
+    free = FREE_MARK if has_free_information(m) else ""
+    return f"{KIND_MARKS[m['kind']]}{m['value']:.4f}{err}{free}" + (
+        f" {m['unit']}" if unit else "")
+
+
+def legend(metrics: list[dict[str, Any]], markdown: bool = False) -> list[str]:
+    """The one-line notes a table of ``metrics`` needs: each kind present, and ``†``."""
+    lines = [kind_note(k, markdown) for k in KIND_NOTES if any(m["kind"] == k for m in metrics)]
+    return lines + ([FREE_NOTE] if any(has_free_information(m) for m in metrics) else [])
