@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lmkit.core import config as config_mod
-from lmkit.core.bpb import METRIC_KINDS, ByteLUT, Metric
+from lmkit.core.bpb import METRIC_KINDS, ByteLUT, Metric, metric_unit
 from lmkit.core.build import CallCounter, Setup, build
 from lmkit.core.data import ListCorpus, load_val_tokens, open_data, prepare_data
 from lmkit.core.evaluate import evaluate_run, make_eval_context, run_evaluation
@@ -315,7 +315,9 @@ def check_metrics(h: ObjectiveHarness) -> None:
         for m in metrics:
             where = f"metric {m.name!r} ({purpose})"
             expect(m.kind in METRIC_KINDS, f"{where}: kind {m.kind!r} is not one of {METRIC_KINDS}")
-            expect(m.unit == "bpb", f"{where}: unit {m.unit!r}; metrics come from ctx.meter (bpb)")
+            expect(m.unit == metric_unit(m.kind),
+                   f"{where}: unit {m.unit!r}; metrics come from ctx.meter "
+                   f"({metric_unit(m.kind)} for kind {m.kind!r})")
             expect(math.isfinite(m.value), f"{where}: value {m.value} is not finite: the "
                                            "objective's nats are NaN or infinite")
             expect(m.value > 0, f"{where}: value {m.value}; a code length in bpb is positive")

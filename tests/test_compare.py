@@ -68,7 +68,9 @@ def test_compare_json_md_png_and_determinism(tiny_data, tmp_path, capsys):
     code, out, err = run_cli(["compare", *runs, "--md", "--out", str(tmp_path / "c"),
                               "--max-tokens", "1024"], capsys)
     assert code == 0, err
-    assert out.startswith("# lmkit compare") and out.count("\n| ") == 4  # header + 3 rows
+    table = out.split("\n\n")[1].splitlines()
+    assert out.startswith("# lmkit compare") and len(table) == 5  # header, rule, 3 rows
+    assert "## Paired differences" in out  # mdlm and maskrecon were scored with the same masks
 
 
 def test_compare_refuses_runs_on_different_data(tiny_data, tmp_path, capsys):

@@ -51,7 +51,10 @@ class NeighbourModel(torch.nn.Module):
         self.vocab, self.mask_id, self.strength = vocab, mask_id, strength
         self.time_cond, self.eps = time_cond, eps
 
-    def forward_hidden(self, xt: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_hidden(self, xt: torch.Tensor, cond: torch.Tensor | None = None,
+                       segments: torch.Tensor | None = None) -> torch.Tensor:
+        # segments: a document-mode row is one document then its PAD tail, which lies to the
+        # right, so the nearest visible token to the left is always in the document
         B, T = xt.shape
         pos = torch.arange(T).expand(B, T)
         visible = xt < self.vocab

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from lmkit.core.bench.coverage import coverage_run, format_rows, train_tiny
+from lmkit.core.bench.coverage import (
+    coverage_run,
+    format_paired,
+    format_rows,
+    paired_coverage,
+    train_tiny,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,3 +34,17 @@ def test_two_stderr_intervals_cover_the_reference(objective, tiny_data, tmp_path
         assert row["coverage"] >= 0.9, row
         assert 0.6 < row["spread_over_stderr"] < 1.4, row  # the stderr is the real spread
         assert row["reference_stderr_bpb"] < 0.5 * row["rms_stderr_bpb"], row
+
+
+def test_the_paired_stderr_of_a_difference_covers_the_reference(tiny_data, tmp_path):
+    """Two runs scored with the same draws: ±2 paired stderr covers the precise difference,
+    while the independent stderr overstates its spread."""
+    a = train_tiny(tiny_data, tmp_path, "mdlm", steps=40)
+    b = train_tiny(tiny_data, tmp_path, "maskrecon", steps=40)
+    result = paired_coverage(a, b, seeds=40, max_tokens=4096, reference_samples=128,
+                             device="cpu")
+    print(format_paired(result))
+    paired, independent = result["rows"]
+    assert paired["coverage"] >= 0.9, paired
+    assert 0.6 < paired["spread_over_stderr"] < 1.4, paired
+    assert independent["spread_over_stderr"] < 0.8 * paired["spread_over_stderr"], independent

@@ -17,11 +17,12 @@ from lmkit.core.masking import (
     LogLinearSchedule,
     MaskedSpec,
     chain_rule,
-    document_layout,
+    document_segments,
     eval_rows,
     mask_tokens,
     masked_nats,
     monte_carlo_nelbo,
+    padding_share,
     row_batches,
     stratified_times,
 )
@@ -99,12 +100,36 @@ def test_subs_invariants():
     assert torch.all(rows.exp().sum(-1) == 1)
 
 
-def test_document_layout_stops_rows_at_the_next_document():
+def test_document_mode_packs_rows_into_segments():
     spec = MaskedSpec(mask_id=100, vocab_size=100, bos_id=1, pad_id=101, documents=True)
     x0 = torch.tensor([[1, 5, 6, 1, 7], [5, 6, 7, 8, 9], [5, 1, 2, 3, 4]])
-    valid = document_layout(x0, spec)
-    assert valid.tolist() == [[True, True, True, False, False], [True] * 5,
-                              [True, False, False, False, False]]
+    assert document_segments(x0, spec).tolist() == [[1, 1, 1, 2, 2], [0] * 5, [0, 1, 1, 1, 1]]
+    assert document_segments(x0, MaskedSpec(mask_id=100, vocab_size=100, bos_id=1)) is None
+    # stopping each row at the next document would have padded 2 + 0 + 4 of 15 slots
+    assert padding_share(x0, spec) == pytest.approx(6 / 15)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_packed_document_sees_only_itself(causal):
+    """In a packed row each document's hidden states are those of the document alone: another
+    document beside it changes nothing (RoPE is relative, so the offset does not matter)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, n_kv_head=1, causal=causal)
+    model = Transformer(cfg, 64, 16).eval()
+    with torch.no_grad():  # zero-initialised projections would hide any attention at all
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    doc_a, doc_b = torch.tensor([1, 5, 9, 13, 2]), torch.tensor([1, 7, 3, 3, 8, 11, 4])
+    row = torch.cat([doc_a, doc_b]).unsqueeze(0)
+    segments = torch.tensor([[0] * 5 + [1] * 7])
+    with torch.no_grad():
+        packed = model.forward_hidden(row, segments=segments)
+        alone_a = model.forward_hidden(doc_a.unsqueeze(0))
+        alone_b = model.forward_hidden(doc_b.unsqueeze(0))
+        unmasked = model.forward_hidden(row)
+    torch.testing.assert_close(packed[:, :5], alone_a, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[:, 5:], alone_b, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(unmasked[:, 5:], alone_b, atol=1e-3)  # without: b sees a
 
 
 def test_eval_rows_score_every_target_once():
@@ -354,21 +379,28 @@ def test_nelbo_mc_is_identical_for_any_batch_size(mdlm_run):
                                                                                "any_order")
 
 
-def test_document_mode_reports_the_real_tokens_it_trained_on():
+def test_document_mode_trains_on_every_token_of_packed_rows():
     from lmkit.core.registry import get_objective
 
     cls = get_objective("mdlm").obj
     tokens = TokenSpec(vocab_size=64, bos_id=1, special={"MASK": 64, "PAD": 65})
     torch.manual_seed(0)
     batch = torch.randint(2, 64, (3, 17))
-    batch[0, 5] = 1   # a document starts inside row 0: its last 12 targets become PAD
-    batch[2, 1] = 1   # row 2 starts with its own BOS: nothing is padded
-    for documents, expected in ((True, 16 * 3 - 12), (False, None)):
+    batch[0, 5] = 1   # a document starts inside row 0: packed, not padded
+    losses = {}
+    for documents in (True, False):
         obj = cls(cls.Options(documents=documents), tokens)
+        torch.manual_seed(1)
         model = Transformer(obj.configure_model(ModelConfig(n_layer=1, d_model=32, n_head=2,
                                                             n_kv_head=2)), 64, 2)
+        with torch.no_grad():  # past the zero init, so documents could see each other
+            for p in model.parameters():
+                p.normal_(0, 0.3)
+        torch.manual_seed(2)
         out = obj.loss(model, Batch(batch, 0))
-        assert out.tokens == expected
+        assert out.tokens is None  # every target is a real token: the default count holds
+        losses[documents] = float(out.loss)
+    assert losses[True] != losses[False]  # row 0's documents no longer see each other
 
 
 def test_mdlm_loss_is_the_per_token_nelbo_estimate():

@@ -288,8 +288,8 @@ def test_eval_result_gets_the_generation_metrics(ar_run, mdlm_run):
 
     result = evaluate_run(mdlm_run, max_tokens=1024, device="cpu", batch_size=32,
                           options={"samples": 2, "steps": "", "chain_k": 0})
-    add_generation_metrics(result, ar_run, num=2, length=8, device="cpu")
-    saved = json.loads((mdlm_run / "eval.json").read_text())
+    result = add_generation_metrics(result, ar_run, num=2, length=8, device="cpu")
+    saved = json.loads(json.dumps(result))  # `lmkit eval --gen` keeps it (test_cli)
     names = [m["name"] for m in saved["metrics"]]
     assert names == ["nelbo_mc", "gen_ppl", "gen_entropy", "gen_nfe", "gen_tokens_per_s"]
     assert saved["metrics"][1]["detail"]["sampler"] == "ddpm"
@@ -357,3 +357,18 @@ def test_bench_sample_json_on_fresh_models():
     assert ar["rows"][0]["speedup"] == 1.0 and [r["nfe"] for r in ar["rows"]] == [8, 8]
     ddpm, cached, confidence = (r["nfe"] for r in mdlm["rows"])
     assert ddpm == 32 and cached <= 2 * 8 and confidence == 8
+
+
+def test_eval_gen_keeps_the_generation_metrics_in_eval_json(ar_run, mdlm_run, capsys):
+    from tests.test_compare import run_cli
+
+    code, out, err = run_cli(["eval", str(mdlm_run), "--max-tokens", "512", "--opt", "samples=2",
+                              "--opt", "steps=", "--opt", "chain_k=0", "--gen", "--judge",
+                              str(ar_run), "--num", "2", "--length", "8", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    saved = json.loads((mdlm_run / "eval.json").read_text())
+    assert saved == result and "gen_ppl" in [m["name"] for m in saved["metrics"]]
+    assert result["protocol"]["generation"]["judge"] == str(ar_run.resolve())
+    kept = [json.loads(p.read_text()) for p in (mdlm_run / "evals").glob("*.json")]
+    assert result in kept

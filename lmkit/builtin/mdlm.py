@@ -6,8 +6,8 @@ Monte-Carlo NELBO with that weight (t stratified over [ε, 1] across the batch, 
 1/(1−ε)), so the training curve estimates what ``nelbo_mc`` measures, up to the [0, ε) sliver
 (about ε relative; ``nelbo_mc`` integrates over all of [0, 1]) and without the prior term.
 Evaluation reports the continuous and discrete-time bounds and the exact chain rule (see
-:mod:`lmkit.core.masking`). In document mode (``options.documents``) the loss reports the real,
-non-PAD tokens of each micro-batch as the tokens it trained on.
+:mod:`lmkit.core.masking`). In document mode (``options.documents``) each training row packs
+the documents of its window, each attending only to itself: no padding, every token trained on.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from lmkit.core.bpb import Metric
 from lmkit.core.masking import (
     MaskedEvalOptions,
+    document_segments,
     evaluate_masked,
     mask_tokens,
     masked_nats,
@@ -33,7 +34,7 @@ class MDLMOptions:
     eps: float = 1e-3          # log-linear schedule: alpha(t) = 1 - (1 - eps) t
     time_cond: bool = True     # AdaLN conditioning on sigma(t) (off: a time-agnostic denoiser)
     anchor_bos: bool = False   # #1241: BOS is never masked (a given document anchor)
-    documents: bool = False    # #1241: rows stop at the next document; PAD fills, unscored
+    documents: bool = False    # #1241: no attention across documents (rows packed; eval PADs)
 
 
 class MDLMObjective:
@@ -59,11 +60,9 @@ class MDLMObjective:
         x0, maskable = training_rows(batch, spec)
         t = stratified_times(x0.size(0), sched.eps, device=x0.device)
         xt, masked = mask_tokens(x0, sched.mask_prob(t), maskable, spec.mask_id)
-        nats = masked_nats(model, xt, x0, masked, spec.cond(t))
+        nats = masked_nats(model, xt, x0, masked, spec.cond(t), document_segments(x0, spec))
         per_row = nats.sum(dim=1) * sched.weight(t)
         loss = per_row.sum() / maskable.sum().clamp(min=1)
-        if spec.documents:  # PAD fills each window past its document's end: not trained on
-            return LossOutput(loss, tokens=int((x0 != spec.pad_id).sum()))
         return LossOutput(loss)
 
     def evaluate(self, model: Transformer, ctx: EvalContext) -> list[Metric]:

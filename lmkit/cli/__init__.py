@@ -244,7 +244,8 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
         for table in compare_tables(entries):
             output.print(table)
         png = files["png"] or "(no PNG: install matplotlib, e.g. pip install 'lmkit[plot]')"
-        output.print(f"report: {files['report']}\nplot:   {png}")
+        output.print(f"report: {files['report']}\njson:   {files['json']}\n"
+                     f"csv:    {files['csv']}\nplot:   {png}")
 
 
 # -- plugins -----------------------------------------------------------------------------------
@@ -416,6 +417,50 @@ def bench_eval(run_dir: Path, max_tokens: int | None, opts: tuple[str, ...], dev
                       f"{row['seconds_per_1m_tokens']:,.0f}",
                       f"{row['model_calls_per_1m_tokens']:,.0f}")
     output.print(table)
+
+
+@bench.command("coverage")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--seeds", type=click.IntRange(min=2), default=40, show_default=True,
+              help="Evaluation seeds per metric.")
+@click.option("--max-tokens", type=Count(min=1), help="Score a prefix of the validation stream.")
+@click.option("--reference-samples", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Draws per sequence of the high-precision reference.")
+@click.option("--paired", is_flag=True,
+              help="Also the paired difference of the first two runs' nelbo_mc.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_coverage(run_dirs: tuple[Path, ...], seeds: int, max_tokens: int | None,
+                   reference_samples: int, paired: bool, device: str, as_json: bool) -> None:
+    """How often ±2 stderr covers a high-precision value, over many seeds (masked runs).
+
+    An honest stderr covers ≥ 90 % (nominal 95 %) and its spread/stderr ratio is near 1.
+
+    \b
+    Example:
+      lmkit bench coverage runs/mdlm-tiny --seeds 40 --max-tokens 4096
+    """
+    from lmkit.core.bench import coverage
+
+    results = []
+    with console.status("evaluating…", spinner="dots") if not as_json else nullcontext():
+        for d in run_dirs:
+            results.append(coverage.coverage_run(d, seeds=seeds, max_tokens=max_tokens,
+                                                 reference_samples=reference_samples,
+                                                 device=device))
+        if paired:
+            if len(run_dirs) < 2:
+                raise LmkitError("--paired needs two runs")
+            results.append(coverage.paired_coverage(
+                run_dirs[0], run_dirs[1], seeds=seeds, max_tokens=max_tokens,
+                reference_samples=reference_samples, device=device))
+    if as_json:
+        emit_json(results)
+        return
+    for r in results:
+        fmt = coverage.format_paired if r["benchmark"] == "paired coverage" else \
+            coverage.format_rows
+        click.echo(fmt(r))
 
 
 from lmkit.cli.pack import bench_pack_command, pack_command  # noqa: E402

@@ -34,9 +34,10 @@ def fmt_count(n: float | None) -> str:
 
 
 def fmt_seconds(s: float | None) -> str:
-    if s is None:
+    """h:mm:ss or m:ss; a duration is never negative (a budget overrun shows 0:00)."""
+    if s is None or s != s:  # None or NaN
         return "-"
-    s = int(round(s))
+    s = max(0, int(round(s)))
     if s >= 3600:
         return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
     return f"{s // 60}:{s % 60:02d}"
@@ -47,8 +48,27 @@ def metric_cell(m: dict[str, Any]) -> str:
     return format_metric(m, unit=True)
 
 
+def fmt_mfu(mfu: float | None) -> str:
+    """MFU as a percentage, or '-' where it cannot be trusted: no peak, or above 100 % (the
+    peak was measured under other conditions than the step, e.g. on a busy shared CPU)."""
+    if mfu is None or not 0 <= mfu <= 1:
+        return "-"
+    return f"{100 * mfu:.1f}%"
+
+
+def budget_text(budget: dict[str, Any]) -> str:
+    """The budgets that are set, and which one ends training: the first reached."""
+    parts = [f"{budget['steps']:,} steps" if budget.get("steps") else "",
+             f"{fmt_count(budget['tokens'])} tokens" if budget.get("tokens") else "",
+             f"{fmt_seconds(budget['seconds'])} of training" if budget.get("seconds") else ""]
+    parts = [p for p in parts if p]
+    if len(parts) > 1:
+        return "budget: " + " or ".join(parts) + ", whichever comes first"
+    return f"budget: {parts[0]}" if parts else "budget: none"
+
+
 def train_line(r: dict[str, Any]) -> str:
-    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    mfu = fmt_mfu(r.get("mfu"))
     extra = "".join(f" | {k} {v:.4g}" for k, v in (r.get("loss_metrics") or {}).items())
     return (f"step {r['step']} | loss {r['loss']:.4f}{extra} | lr×{r['lr_mult']:.2f} | "
             f"{fmt_count(r['tok_s'])} tok/s | mfu {mfu} | tokens {fmt_count(r['tokens'])} | "
@@ -76,7 +96,8 @@ class TrainDisplay:
         console.print(
             f"[bold]{info['objective']}[/] · preset {info['preset']} · "
             f"{info['params']:,} params · {info['device']} {info['precision']} · "
-            f"{info['tokens_per_step']:,} tokens/step{resumed}\n→ {info['run_dir']}"
+            f"{info['tokens_per_step']:,} tokens/step{resumed} · {budget_text(info['budget'])}"
+            f"\n→ {info['run_dir']}"
         )
         if not self.plain:
             self.progress = Progress(
@@ -140,7 +161,8 @@ class CompareDisplay(TrainDisplay):
         if self.status is not None:
             self.status.stop()
             self.status = None
-        eta = f" · about {fmt_seconds(eta_s)} left for the rest" if eta_s else ""
+        eta = (f" · about {fmt_seconds(eta_s)} left for the rest, evaluation included"
+               if eta_s else "")
         console.rule(f"[{index + 1}/{total}] {objective}: {phase}{eta}")
         if phase == "eval":
             self.status = console.status(f"evaluating {objective}…", spinner="dots")
@@ -150,6 +172,15 @@ class CompareDisplay(TrainDisplay):
         if self.status is not None:
             self.status.update(f"evaluating… {done}/{total} batches")
 
+    def on_evaluated(self, objective: str, seconds: float, reused: bool) -> None:
+        if self.quiet:
+            return
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+        console.print(f"{objective}: reused the evaluation kept for this protocol" if reused
+                      else f"{objective}: evaluated in {fmt_seconds(seconds)}")
+
     def close(self) -> None:
         if self.status is not None:
             self.status.stop()
@@ -158,7 +189,7 @@ class CompareDisplay(TrainDisplay):
 
 def compare_tables(entries: list[Any]) -> list[Any]:
     """Runs (one row per objective), then metrics × objectives so it fits a terminal."""
-    from lmkit.core.compare import HEADLINE, cell, headline_cells, metric_names
+    from lmkit.core.compare import HEADLINE, cell, headline_cells, metric_names, paired_rows
 
     runs_table = Table(title="lmkit compare: runs")
     for col in HEADLINE:
@@ -182,5 +213,16 @@ def compare_tables(entries: list[Any]) -> list[Any]:
             row.append(cell(by.get(name)))
         metrics.add_row(f"{name} ({units[name]})", *row)
     tables: list[Any] = [runs_table, metrics]
+    paired = paired_rows(entries)
+    if paired:
+        diff = Table(title="paired differences (the same masks for both runs)",
+                     caption="the paired stderr is the uncertainty of the difference; the "
+                             "rows' own ± share their Monte-Carlo error", caption_justify="left")
+        for col in ("metric", "a − b", "difference", "paired ±", "if independent ±"):
+            diff.add_column(col, justify="left" if col in ("metric", "a − b") else "right")
+        for r in paired:
+            diff.add_row(r["metric"], f"{r['a']} − {r['b']}", f"{r['difference']:+.4f}",
+                         f"{r['stderr']:.4f}", f"{r['independent_stderr']:.4f}")
+        tables.append(diff)
     warnings = [f"[yellow]warning[/] {e.objective}: {w}" for e in entries for w in e.warnings]
     return tables + warnings

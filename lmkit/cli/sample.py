@@ -65,11 +65,14 @@ def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperatu
 
     out = Console(highlight=False)  # the samples are the command's output: stdout
     for s in samples:
+        title = (f"{s['sampler']} · sample {s['index']} · {len(s['token_ids'])} tokens · "
+                 f"NFE {s['nfe']} · {s['tokens_per_s']:,.0f} tokens/s")
+        if not out.is_terminal:  # piped: plain text a script can read, no boxes
+            click.echo(f"# {title}\n{s['text']}\n")
+            continue
         body = Text(s["prompt"], style="bold")
         body.append(s["text"][len(s["prompt"]):] if s["text"].startswith(s["prompt"])
                     else s["text"])
-        title = (f"{s['sampler']} · sample {s['index']} · {len(s['token_ids'])} tokens · "
-                 f"NFE {s['nfe']} · {s['tokens_per_s']:,.0f} tokens/s")
         out.print(Panel(body, title=title, title_align="left"))
 
 

@@ -166,6 +166,9 @@ class Metric:
     tokens: int  # tokens the value was computed over
     bytes: int  # LUT bytes of exactly those tokens
     detail: dict = field(default_factory=dict)  # estimator, steps, samples, stride...
+    # independent units of a Monte-Carlo estimate, nats [units, replicates] (not in the JSON):
+    # two runs scored with the same draws pair unit by unit, for the stderr of their difference
+    units: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_kind(self.kind)
@@ -187,6 +190,11 @@ class Metric:
         stderr = None if d["stderr"] is None else float(d["stderr"])
         return cls(str(d["name"]), str(d["kind"]), float(d["value"]), str(d["unit"]), stderr,
                    int(d["tokens"]), int(d["bytes"]), dict(d.get("detail") or {}))
+
+
+def metric_unit(kind: str) -> str:
+    """``bpb`` for likelihoods and bounds; ``score`` for a score, which is not bits per byte."""
+    return "score" if kind == "score" else "bpb"
 
 
 def _check_kind(kind: str) -> None:
@@ -359,8 +367,9 @@ class BpbMeter:
             raise ValueError(f"meter {self.name!r} scored {ntokens} tokens with 0 bytes; "
                              "nothing was added or every target was a boundary")
         stderr = None if var is None else math.sqrt(max(var, 0.0)) / LN2 / nbytes
-        return Metric(self.name, self.kind, bits_per_byte(nats, nbytes), "bpb", stderr,
-                      ntokens, nbytes, dict(self.detail))
+        # a score is computed like bpb but is not bits per byte: it carries no bpb unit
+        return Metric(self.name, self.kind, bits_per_byte(nats, nbytes), metric_unit(self.kind),
+                      stderr, ntokens, nbytes, dict(self.detail))
 
 
 def _distributed() -> bool:

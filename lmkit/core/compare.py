@@ -22,6 +22,7 @@ from lmkit.core.config import resolve_config
 from lmkit.core.data import open_for_training
 from lmkit.core.evaluate import evaluate_run
 from lmkit.core.kinds import KIND_MARKS, KIND_NOTES, format_metric, kind_note, legend
+from lmkit.core.paired import paired_difference
 from lmkit.core.registry import get_objective
 from lmkit.core.train import NullObserver, TrainObserver, train
 from lmkit.errors import LmkitError
@@ -35,12 +36,16 @@ class CompareObserver(TrainObserver, Protocol):
 
     def eval_progress(self, done: int, total: int) -> None: ...
 
+    def on_evaluated(self, objective: str, seconds: float, reused: bool) -> None: ...
+
 
 class NullCompareObserver(NullObserver):
     def on_phase(self, index: int, total: int, objective: str, phase: str,
                  eta_s: float | None) -> None: ...
 
     def eval_progress(self, done: int, total: int) -> None: ...
+
+    def on_evaluated(self, objective: str, seconds: float, reused: bool) -> None: ...
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Entry:
     eval: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # sanity rules the row breaks
+    units: dict[str, Any] = field(default_factory=dict, repr=False)  # Monte-Carlo units
 
     @property
     def tok_s(self) -> float | None:
@@ -66,12 +72,24 @@ def default_compare_dir() -> Path:
     return Path("comparisons") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _entry_from_run(run_dir: Path, result: dict[str, Any]) -> Entry:
+def _evaluated_entry(run_dir: Path, observer: CompareObserver, *, reuse: bool,
+                     **scoring: Any) -> Entry:
+    """Evaluate a run (or reuse its result kept for exactly this protocol) into an Entry.
+
+    The result is kept in ``RUN/evals/`` under its protocol; the run's ``eval.json`` (the
+    latest ``lmkit eval``) is left alone."""
+    units: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    result = evaluate_run(run_dir, latest=False, reuse=reuse, units=units,
+                          progress=observer.eval_progress, **scoring)
+    seconds = time.perf_counter() - t0
     meta = json.loads((run_dir / runs.RUN_FILE).read_text())
+    observer.on_evaluated(meta["objective"], seconds, reused="reused_from" in result)
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
-    return Entry(objective=meta["objective"], run_dir=run_dir, params=meta["model"]["params"],
+    return Entry(objective=meta["objective"], run_dir=Path(run_dir).resolve(),
+                 params=meta["model"]["params"],
                  tokens=state["tokens"], train_seconds=state["seconds"],
-                 metrics=result["metrics"], eval=result)
+                 metrics=result["metrics"], eval=result, units=units)
 
 
 def compare_objectives(
@@ -112,10 +130,9 @@ def compare_objectives(
         run_dir = out / "runs" / name
         train(cfg, data, run_dir, observer=observer)
         observer.on_phase(i, len(objectives), name, "eval", None)
-        result = evaluate_run(run_dir, max_tokens=max_tokens, device=cfg.train.device,
-                              options=(eval_options or {}).get(name),
-                              progress=observer.eval_progress)
-        entries.append(_entry_from_run(run_dir, result))
+        entries.append(_evaluated_entry(run_dir, observer, reuse=False, max_tokens=max_tokens,
+                                        device=cfg.train.device,
+                                        options=(eval_options or {}).get(name)))
     return out, entries
 
 
@@ -164,9 +181,8 @@ def compare_runs(run_dirs: list[Path], *, force: bool = False, max_tokens: int |
     for i, d in enumerate(run_dirs):
         meta = json.loads((Path(d) / runs.RUN_FILE).read_text())
         observer.on_phase(i, len(run_dirs), meta["objective"], "eval", None)
-        result = evaluate_run(d, max_tokens=max_tokens, device=device,
-                              progress=observer.eval_progress)
-        entries.append(_entry_from_run(Path(d), result))
+        entries.append(_evaluated_entry(Path(d), observer, reuse=True, max_tokens=max_tokens,
+                                        device=device))
     return entries
 
 
@@ -182,6 +198,40 @@ def cell(m: dict[str, Any] | None) -> str:
     return format_metric(m)
 
 
+def paired_rows(entries: list[Entry]) -> list[dict[str, Any]]:
+    """Every pair of runs whose Monte-Carlo bounds used the same draws: their difference with
+    its own (paired) stderr, beside the stderr it would have if the errors were independent."""
+    rows = []
+    for i, a in enumerate(entries):
+        for b in entries[i + 1:]:
+            by_b = {m["name"]: m for m in b.metrics}
+            for m in a.metrics:
+                other = by_b.get(m["name"])
+                if other is None or m["name"] not in a.units or m["name"] not in b.units:
+                    continue
+                diff = paired_difference(m, a.units[m["name"]], other, b.units[m["name"]])
+                if diff is not None:
+                    rows.append({"a": a.objective, "b": b.objective,
+                                 "a_run": str(a.run_dir), "b_run": str(b.run_dir), **diff})
+    return rows
+
+
+def paired_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines for :func:`paired_rows`."""
+    if not rows:
+        return []
+    lines = ["", "## Paired differences (same masks for both runs)", "",
+             "| metric | a − b | difference (bpb) | paired stderr | if independent |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['metric']} | {r['a']} − {r['b']} | {r['difference']:+.4f} | "
+                     f"±{r['stderr']:.4f} | ±{r['independent_stderr']:.4f} |")
+    lines += ["", "* Both runs were scored with the same seed, so their Monte-Carlo errors are "
+              "shared (common random numbers): the paired stderr is the uncertainty of the "
+              "difference; each row's own ± overstates it."]
+    return lines
+
+
 def to_json(entries: list[Entry], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         **(extra or {}),
@@ -190,6 +240,7 @@ def to_json(entries: list[Entry], extra: dict[str, Any] | None = None) -> dict[s
             "tokens": e.tokens, "train_seconds": round(e.train_seconds, 3), "tok_s": e.tok_s,
             "metrics": e.metrics, "warnings": e.warnings, **e.extra,
         } for e in entries],
+        "paired": paired_rows(entries),
         "kinds": {k: kind_note(k) for k in KIND_NOTES},
     }
 
@@ -258,6 +309,7 @@ def to_markdown(entries: list[Entry], title: str = "lmkit compare") -> str:
     if first:
         lines.append(f"* Every metric is scored over {first['tokens']:,} validation tokens "
                      f"({first['bytes']:,} bytes) unless its JSON `tokens` says otherwise.")
+    lines += paired_lines(paired_rows(entries))
     flagged = [(e, w) for e in entries for w in e.warnings]
     if flagged:
         lines += ["", "## Warnings", ""] + [f"* **{e.objective}**: {w}" for e, w in flagged]
@@ -296,8 +348,12 @@ def plot_curves(entries: list[Entry], path: Path) -> Path | None:
         vals = [r for r in runs.read_metrics(e.run_dir) if r["type"] == "val" and r["metrics"]]
         if not vals:
             continue
-        m0 = vals[0]["metrics"][0]
+        m0 = vals[-1]["metrics"][0]
         label = f"{e.objective}: {m0['name']} ({KIND_MARKS[m0['kind']].strip()})"
+        samples = m0["detail"].get("samples_per_sequence")
+        if samples:  # validation draws fewer samples than the table's evaluation
+            label += f", {samples} draws/seq"
+        label += f", {m0['tokens']:,} tokens"
         errors = [r["metrics"][0]["stderr"] or 0.0 for r in vals]
         ax.errorbar([r["tokens"] for r in vals], [r["metrics"][0]["value"] for r in vals],
                     yerr=errors if any(errors) else None, marker="o", capsize=3, label=label)
@@ -306,7 +362,8 @@ def plot_curves(entries: list[Entry], path: Path) -> Path | None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M"))
     ax.set_xlabel("training tokens seen (millions)")
     ax.set_ylabel("validation bits per byte")
-    ax.set_title("lmkit compare: validation bpb during training")
+    ax.set_title("lmkit compare: validation bpb during training\n(the validation protocol, "
+                 "not the table's: see each curve's draws and tokens)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -325,7 +382,8 @@ def write_report(out: Path, entries: list[Entry], extra: dict[str, Any] | None =
     atomic.write_text(out / "report.md", md)
     runs.write_json(out / "compare.json", to_json(entries, extra))
     atomic.write_text(out / "compare.csv", to_csv(entries))
-    return {"report": out / "report.md", "json": out / "compare.json", "png": png}
+    return {"report": out / "report.md", "json": out / "compare.json",
+            "csv": out / "compare.csv", "png": png}
 
 
 def add_pack_columns(entries: list[Entry], *, bits: int = 6,
@@ -395,6 +453,9 @@ def run_comparison(request: CompareRequest, observer: CompareObserver | None = N
                                           observer=observer, log=log)
     else:
         out = r.out or default_compare_dir()
+        if (Path(out) / "compare.json").exists():
+            raise LmkitError(f"{out} already holds a comparison (compare.json); choose another "
+                             "--out or omit it for a new comparisons/<timestamp>")
         entries = compare_runs(r.run_dirs, force=r.force, max_tokens=r.max_tokens,
                                device=r.flags.get("train.device") or "auto", observer=observer)
     if r.pack:
@@ -402,5 +463,6 @@ def run_comparison(request: CompareRequest, observer: CompareObserver | None = N
     if r.gen:
         add_generation_columns(entries, seed=r.flags.get("train.seed") or 0, log=log)
     sanity_check(entries)
-    files = write_report(out, entries, {"comparison": str(Path(out).resolve())})
+    out = Path(out).resolve()
+    files = write_report(out, entries, {"comparison": str(out)})
     return out, entries, files

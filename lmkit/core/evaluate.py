@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from lmkit.core import runs
+from lmkit import __version__
+from lmkit.core import evalstore, runs
 from lmkit.core.bpb import Metric
 from lmkit.core.build import CallCounter
 from lmkit.core.device import resolve_device
@@ -67,14 +68,25 @@ def make_eval_context(run: runs.Run, *, val_tokens: torch.Tensor | None = None,
                             progress=progress)
 
 
+def protocol(run: runs.Run, s: Scoring) -> dict[str, Any]:
+    """Everything an evaluation's numbers depend on besides the weights' values: the key under
+    which its result is kept (``RUN/evals/``) and reused. The batch size is not in it: no
+    figure depends on it."""
+    return {"checkpoint_step": run.state["step"], "max_tokens": s.max_tokens,
+            "options": s.options or {}, "dtype": s.dtype,
+            "seed": run.cfg.train.seed if s.seed is None else s.seed,
+            "val_source": run.val_origin(s.data_dir), "lmkit": __version__}
+
+
 def evaluate_loaded(run: runs.Run, *, model: torch.nn.Module | None = None,
                     val_tokens: torch.Tensor | None = None, purpose: str = "eval",
-                    progress: Any = None, **scoring: Any) -> dict[str, Any]:
+                    progress: Any = None, units: dict[str, torch.Tensor] | None = None,
+                    **scoring: Any) -> dict[str, Any]:
     """Score ``model`` (default: the run's own) with the run's objective on its validation data.
 
     ``model`` lets a caller score a modified copy, e.g. the dequantized round trip of an
     artifact. Returns the ``lmkit eval --json`` object, with ``costs`` (seconds and model calls
-    per metric).
+    per metric). ``units``, when given, receives each Monte-Carlo metric's independent units.
     """
     model = run.model if model is None else model
     ctx = make_eval_context(run, val_tokens=val_tokens, purpose=purpose, progress=progress,
@@ -89,6 +101,8 @@ def evaluate_loaded(run: runs.Run, *, model: torch.nn.Module | None = None,
                                  strict=True):
         costs.append({"metric": name, "seconds": round(nxt[0] - t, 3), "model_calls": nxt[1] - c})
     s = Scoring(**scoring)
+    if units is not None:
+        units.update({m.name: m.units for m in metrics if m.units is not None})
     return {
         "run": str(run.path.resolve()),
         "objective": run.config.objective,
@@ -100,17 +114,28 @@ def evaluate_loaded(run: runs.Run, *, model: torch.nn.Module | None = None,
                  "max_tokens": s.max_tokens, "tokenizer_sha256": run.tokenizer.sha256},
         "precision": ctx.precision,
         "seed": ctx.seed,
+        "protocol": protocol(run, s),
         "seconds": round(end[0] - t0, 3),
         "metrics": [m.to_dict() for m in metrics],
         "costs": costs,
     }
 
 
-def evaluate_run(run_dir: str | Path, *, device: str = "auto", **scoring: Any) -> dict[str, Any]:
-    """Evaluate ``run_dir``'s checkpoint and write ``eval.json`` there; return the JSON object."""
+def evaluate_run(run_dir: str | Path, *, device: str = "auto", latest: bool = True,
+                 reuse: bool = False, units: dict[str, torch.Tensor] | None = None,
+                 progress: Any = None, **scoring: Any) -> dict[str, Any]:
+    """Evaluate ``run_dir``'s checkpoint and keep the result under its protocol (and, with
+    ``latest``, as ``RUN/eval.json``); return the JSON object. With ``reuse``, a result already
+    kept for exactly this protocol is returned instead of evaluating again (with
+    ``reused_from`` naming its file)."""
     run = runs.load_run(run_dir, device=resolve_device(device))
-    result = evaluate_loaded(run, **scoring)
-    runs.write_json(run.path / runs.EVAL_FILE, result)
+    units = {} if units is None else units
+    proto = protocol(run, Scoring(**scoring))
+    if reuse and (stored := evalstore.load(run.path, proto)):
+        units.update(stored[1])
+        return {**stored[0], "reused_from": str(evalstore.record_path(run.path, proto))}
+    result = evaluate_loaded(run, units=units, progress=progress, **scoring)
+    evalstore.save(run.path, result, units, latest=latest)
     return result
 
 
@@ -177,14 +202,16 @@ def evaluate_target(path: str | Path, *, device: str = "auto", judge: str | Path
             raise LmkitError("--gen needs --judge AR_RUN: an AR run trained with the same "
                              "tokenizer scores the samples")
         check_judge(run.path, judge)  # fail before a long evaluation
-    result = evaluate_loaded(run, model=model, **scoring)
+    units: dict[str, torch.Tensor] = {}
+    result = evaluate_loaded(run, model=model, units=units, **scoring)
     if manifest is not None:
         result["artifact"] = artifact_entry(path, manifest)
-    if generation is not None:  # writes eval.json, with the generation metrics in it
+    if generation is not None:
         from lmkit.core.genmetrics import add_generation_metrics
 
-        return add_generation_metrics(result, judge, device=device, seed=scoring.get("seed"),
-                                      **generation)
+        result = add_generation_metrics(result, judge, device=device, seed=scoring.get("seed"),
+                                        **generation)
+        result["protocol"]["generation"] = {"judge": str(Path(judge).resolve()), **generation}
     if manifest is None:
-        runs.write_json(run.path / runs.EVAL_FILE, result)
+        evalstore.save(run.path, result, units, latest=True)
     return result

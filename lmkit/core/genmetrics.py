@@ -113,6 +113,7 @@ def generation_metrics(run: runs.Run | str | Path, judge: runs.Run | str | Path,
     })
     meter.add(nats, targets, prev, prev2=prev2)
     ppl = meter.metric()
+    ppl.unit = "bpb"  # a score of the samples, but truly the judge's bits per byte of their text
     ppl.detail["perplexity_per_token"] = math.exp(ppl.value * math.log(2) * ppl.bytes / ppl.tokens)
     n_tokens, n_bytes = ppl.tokens, ppl.bytes
     per_sample = torch.tensor([unigram_entropy(s["token_ids"]) for s in samples],
@@ -138,8 +139,8 @@ def add_generation_metrics(result: dict[str, Any], judge_run_dir: str | Path, *,
                            sampler: str | None = None, device: str = "auto",
                            **request: Any) -> dict[str, Any]:
     """Append the generation metrics to an ``lmkit eval`` result (its ``run`` names the run
-    directory; an ``artifact`` entry means its round trip is sampled) and, for a run, rewrite
-    its ``eval.json`` with them; return the result."""
+    directory; an ``artifact`` entry means its round trip is sampled); return the result. The
+    caller keeps it (``lmkit eval`` under its protocol, ``lmkit compare`` in its report)."""
     from lmkit.core.evaluate import load_target
 
     target = (result.get("artifact") or {}).get("path") or result["run"]
@@ -148,6 +149,4 @@ def add_generation_metrics(result: dict[str, Any], judge_run_dir: str | Path, *,
         request["seed"] = 0
     metrics = generation_metrics(run, judge_run_dir, sampler, model=model, **request)
     result["metrics"] = [*result["metrics"], *(m.to_dict() for m in metrics)]
-    if not result.get("artifact"):
-        runs.write_json(run.path / runs.EVAL_FILE, result)
     return result

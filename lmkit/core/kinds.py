@@ -26,6 +26,10 @@ def kind_note(kind: str, markdown: bool = False) -> str:
     return f"{f'`{mark}`' if markdown else mark} {KIND_NOTES[kind]}"
 
 
+CODES_NOTE = ("an exact code length and an upper bound are different codes of the same "
+              "tokens: a model's exact figure may lie above its bound (the chain rule factorises "
+              "within each call) or below it; compare each kind across rows, not across kinds.")
+
 FREE_MARK = "†"
 FREE_NOTE = ("† given free information (BOS anchoring, document boundaries) that an AR model "
              "pays for: not comparable with AR's figures")
@@ -43,10 +47,13 @@ def format_metric(m: dict[str, Any] | None, unit: bool = False) -> str:
     err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
     free = FREE_MARK if has_free_information(m) else ""
     return f"{KIND_MARKS[m['kind']]}{m['value']:.4f}{err}{free}" + (
-        f" {m['unit']}" if unit else "")
+        f" {m['unit']}" if unit and m.get("unit") not in (None, "score") else "")
 
 
 def legend(metrics: list[dict[str, Any]], markdown: bool = False) -> list[str]:
     """The one-line notes a table of ``metrics`` needs: each kind present, and ``†``."""
-    lines = [kind_note(k, markdown) for k in KIND_NOTES if any(m["kind"] == k for m in metrics)]
+    kinds = {m["kind"] for m in metrics}
+    lines = [kind_note(k, markdown) for k in KIND_NOTES if k in kinds]
+    if {"exact", "upper_bound"} <= kinds:
+        lines.append(CODES_NOTE)
     return lines + ([FREE_NOTE] if any(has_free_information(m) for m in metrics) else [])

@@ -180,14 +180,24 @@ def mask_tokens(x0: Tensor, mask_prob: Tensor, maskable: Tensor, mask_id: int,
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
-def document_layout(x0: Tensor, spec: MaskedSpec) -> Tensor:
-    """Valid positions of training windows in document mode: a row stops where the next
-    document starts (its BOS and everything after become PAD)."""
+def document_segments(x0: Tensor, spec: MaskedSpec) -> Tensor | None:
+    """The document of each position of a packed row (None outside document mode).
+
+    Document mode packs a window's documents into one row, each attending only to itself
+    (``Transformer.forward_hidden(segments=...)``): no token sees another document and no slot
+    is padding. A BOS starts a new segment.
+    """
     if not spec.documents:
-        return torch.ones_like(x0, dtype=torch.bool)
+        return None
+    return torch.cumsum((x0 == spec.bos_id).int(), dim=1)
+
+
+def padding_share(x0: Tensor, spec: MaskedSpec) -> float:
+    """The share of row slots PAD would fill if rows stopped at the next document's start
+    instead of packing documents (what document mode cost before packing; for benchmarks)."""
     is_bos = x0 == spec.bos_id
-    is_bos[:, 0] = False  # a row may start with its own document's BOS
-    return torch.cumsum(is_bos.int(), dim=1) == 0
+    is_bos[:, 0] = False
+    return float((torch.cumsum(is_bos.int(), dim=1) > 0).float().mean())
 
 
 def masked_spec(tokens: Any, eps: float, time_input: str | None, anchor_bos: bool,
@@ -203,21 +213,22 @@ def masked_spec(tokens: Any, eps: float, time_input: str | None, anchor_bos: boo
 
 
 def training_rows(batch: Any, spec: MaskedSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0 with PAD where invalid, maskable positions) from a batch of stream windows."""
+    """(x0, maskable positions) from a batch of stream windows. In document mode the row is
+    packed (see :func:`document_segments`): every position is a real token."""
     x0 = batch.tokens[:, 1:]
-    valid = document_layout(x0, spec)
-    x0 = torch.where(valid, x0, torch.full_like(x0, spec.pad_id))
-    maskable = valid & ~(x0 == spec.bos_id) if spec.anchor_bos else valid
+    maskable = x0 != spec.bos_id if spec.anchor_bos else torch.ones_like(x0, dtype=torch.bool)
     return x0, maskable
 
 
 def masked_nats(model: torch.nn.Module, xt: Tensor, x0: Tensor, masked: Tensor,
-                cond: Tensor | None) -> Tensor:
+                cond: Tensor | None, segments: Tensor | None = None) -> Tensor:
     """−log p(x₀ | x_t) at masked positions (0 elsewhere), float32, shape of x0.
 
     Only masked positions go through the output head: at t≈0.5 that halves its cost.
+    ``segments``: attention stays within each segment (packed documents).
     """
-    hidden = model.forward_hidden(xt, cond)
+    hidden = (model.forward_hidden(xt, cond) if segments is None
+              else model.forward_hidden(xt, cond, segments=segments))
     out = torch.zeros(x0.shape, device=x0.device, dtype=torch.float32)
     if masked.any():
         logits = model.logits(hidden[masked])
@@ -431,6 +442,12 @@ class RowBatch:
     valid: Tensor     # real target positions
     maskable: Tensor  # positions the forward process may mask (= scored)
     start: int = 0    # index of the batch's first row among all rows
+    segments: Tensor | None = None  # document mode: 0 = the document, 1 = its PAD tail
+
+    def nats(self, model: torch.nn.Module, xt: Tensor, masked: Tensor,
+             cond: Tensor | None) -> Tensor:
+        """:func:`masked_nats` of this batch's rows (the document attends only to itself)."""
+        return masked_nats(model, xt, self.x0, masked, cond, self.segments)
 
 
 def row_batches(val: Tensor, rows: EvalRows, spec: MaskedSpec, batch_size: int,
@@ -444,7 +461,9 @@ def row_batches(val: Tensor, rows: EvalRows, spec: MaskedSpec, batch_size: int,
         x0 = torch.where(valid, padded[safe + 2], torch.full_like(pos, pad))
         prev, prev2 = padded[safe + 1], padded[safe]
         maskable = valid & ~((x0 == spec.bos_id) if spec.anchor_bos else torch.zeros_like(valid))
-        yield RowBatch(*(t.to(device) for t in (x0, prev, prev2, valid, maskable)), start=b)
+        segments = (~valid).long().to(device) if spec.documents else None
+        yield RowBatch(*(t.to(device) for t in (x0, prev, prev2, valid, maskable)), start=b,
+                       segments=segments)
 
 
 # -- estimators --------------------------------------------------------------------------------
@@ -468,12 +487,14 @@ def common_detail(spec: MaskedSpec, rows: EvalRows) -> dict[str, Any]:
 
 @dataclass
 class RowEstimates:
-    """Per-row NELBO estimates (nats, prior included), their variances, bytes and tokens (CPU)."""
+    """Per-row NELBO estimates (nats, prior included), their variances, bytes and tokens, and
+    the per-replicate row estimates ``[rows, R]`` that paired comparisons need (CPU)."""
 
     nats: Tensor
     var: Tensor
     bytes: Tensor
     tokens: Tensor
+    replicates: Tensor
 
 
 def check_design(samples: int, replicates: int) -> int:
@@ -487,10 +508,10 @@ def check_design(samples: int, replicates: int) -> int:
     return samples // replicates
 
 
-def replicate_mean_var(values: Tensor, replicates: int) -> tuple[Tensor, Tensor]:
-    """Per row: the mean of ``values`` ``[B, R·S]`` (replicate r = columns r·S .. r·S+S-1) and
-    the variance of that mean from the R replicate means. Explicit element-wise sums, so each
-    row's result is bit-identical whatever the number of rows beside it."""
+def replicate_mean_var(values: Tensor, replicates: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: the mean of ``values`` ``[B, R·S]`` (replicate r = columns r·S .. r·S+S-1), the
+    variance of that mean from the R replicate means, and those means ``[B, R]``. Explicit
+    element-wise sums, so each row's result is bit-identical whatever the rows beside it."""
     strata = values.size(1) // replicates
     reps = []
     for r in range(replicates):
@@ -505,7 +526,7 @@ def replicate_mean_var(values: Tensor, replicates: int) -> tuple[Tensor, Tensor]
     ss = (reps[0] - mean) ** 2
     for rep in reps[1:]:
         ss = ss + (rep - mean) ** 2
-    return mean, ss / (replicates - 1) / replicates
+    return mean, ss / (replicates - 1) / replicates, torch.stack(reps, dim=1)
 
 
 def draw_plan(strata: int, paired: bool) -> list[tuple[int, int | None]]:
@@ -539,7 +560,8 @@ def nelbo_rows(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: EvalRow
     prior = sched.prior_nats_per_token(spec.vocab_size)
     seq = rows.positions.size(1)
     out = RowEstimates(*(torch.zeros(len(rows), dtype=d) for d in
-                         (torch.float64, torch.float64, torch.long, torch.long)))
+                         (torch.float64, torch.float64, torch.long, torch.long)),
+                       replicates=torch.zeros(len(rows), replicates, dtype=torch.float64))
     tables: dict[int, AnyOrderTable] = {}
     plan = draw_plan(strata, paired=estimator == "any_order")
     for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device):
@@ -555,7 +577,7 @@ def nelbo_rows(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: EvalRow
                                            within=within)
             xt = torch.where(masked, torch.full_like(rb.x0, spec.mask_id), rb.x0)
             with ctx.autocast():
-                nats = masked_nats(model, xt, rb.x0, masked, spec.cond(t.float())).double()
+                nats = rb.nats(model, xt, masked, spec.cond(t.float())).double()
             return masked, nats, weight
 
         for r in range(replicates):
@@ -575,9 +597,10 @@ def nelbo_rows(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: EvalRow
                 control = torch.where(masked_a, nats_b, torch.zeros_like(nats_b)).sum(dim=1)
                 values[:, base + high] = value_b
                 values[:, base + low] = (nats_a.sum(dim=1) - control) * weight_a + value_b
-        mean, var = replicate_mean_var(values, replicates)
+        mean, var, reps = replicate_mean_var(values, replicates)
         tokens = rb.maskable.sum(dim=1)
         out.nats[ids.start:ids.stop] = (mean + prior * tokens.double()).cpu()
+        out.replicates[ids.start:ids.stop] = (reps + prior * tokens.double()[:, None]).cpu()
         out.var[ids.start:ids.stop] = var.cpu()
         out.bytes[ids.start:ids.stop] = row_bytes(ctx, rb).cpu()
         out.tokens[ids.start:ids.stop] = tokens.cpu()
@@ -628,7 +651,9 @@ def monte_carlo_nelbo(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: 
                      stream=stream, estimator=estimator, replicates=replicates,
                      on_batch=on_batch)
     meter.add_estimate(est.nats, est.var, est.bytes, est.tokens)
-    return meter.metric()
+    metric = meter.metric()
+    metric.units = est.replicates  # for the paired stderr of a difference (lmkit compare)
+    return metric
 
 
 def chain_groups(seq: int, k: int, order: str, device: torch.device | str = "cpu"
@@ -647,7 +672,8 @@ def chain_groups(seq: int, k: int, order: str, device: torch.device | str = "cpu
 
 def chain_rule_nats(model: torch.nn.Module, spec: MaskedSpec, x0: Tensor, maskable: Tensor, *,
                     k: int, order: str = "strided",
-                    autocast: Callable[[], Any] | None = None) -> Tensor:
+                    autocast: Callable[[], Any] | None = None,
+                    segments: Tensor | None = None) -> Tensor:
     """Per-position code length (nats; 0 where not maskable) of the chain rule over each row.
 
     Call j masks every maskable position of groups ≥ j and scores group j: each position is
@@ -667,7 +693,7 @@ def chain_rule_nats(model: torch.nn.Module, spec: MaskedSpec, x0: Tensor, maskab
         xt = torch.where(hidden, torch.full_like(x0, spec.mask_id), x0)
         t = (hidden.sum(dim=1).float() / n_maskable / (1 - sched.eps)).clamp(sched.eps, 1.0)
         with autocast() if autocast is not None else contextlib.nullcontext():
-            nats = masked_nats(model, xt, x0, block, spec.cond(t))
+            nats = masked_nats(model, xt, x0, block, spec.cond(t), segments)
         out = out + torch.where(block, nats, torch.zeros_like(nats))
     return out
 
@@ -691,7 +717,7 @@ def chain_rule(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: EvalRow
     })
     for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device):
         nats = chain_rule_nats(model, spec, rb.x0, rb.maskable, k=k, order=order,
-                               autocast=ctx.autocast)
+                               autocast=ctx.autocast, segments=rb.segments)
         meter.add(nats, rb.x0, rb.prev, rb.maskable, prev2=rb.prev2)
         on_batch()
     return meter.metric()

@@ -10,6 +10,7 @@
       checkpoint/        model.safetensors, optim.safetensors, state.json
       val.bin            the validation stream, when small (so evaluation needs only the run)
       eval.json          the latest `lmkit eval` result
+      evals/             every evaluation, one file per protocol (see lmkit.core.evalstore)
 """
 
 from __future__ import annotations

@@ -183,7 +183,8 @@ class Attention(nn.Module):
             self.register_parameter("q_gain", None)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+                cache: KVCache | None = None, layer: int = 0,
+                same_segment: Tensor | None = None) -> Tensor:
         B, T, d = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -200,6 +201,9 @@ class Attention(nn.Module):
                 mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device)
                 mask = mask.tril(diagonal=cache.pos)
             causal = causal and cache.pos == 0 and T > 1
+        if same_segment is not None:  # packed documents: attend within one's own document
+            mask = same_segment.tril() if causal else same_segment
+            causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
         )
@@ -242,14 +246,15 @@ class Block(nn.Module):
         self.adaln = zero_linear(cfg.cond_dim, 4 * d, bias=True) if cfg.time_cond else None
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, c: Tensor | None,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+                cache: KVCache | None = None, layer: int = 0,
+                same_segment: Tensor | None = None) -> Tensor:
         if self.resid_mix is not None:
             x = self.resid_mix[0] * x + self.resid_mix[1] * x0
         h_attn = norm(x)
         if self.adaln is not None:
             shift_a, scale_a, shift_m, scale_m = self.adaln(c).chunk(4, dim=-1)
             h_attn = modulate(h_attn, shift_a, scale_a)
-        a = self.attn(h_attn, cos, sin, cache, layer)
+        a = self.attn(h_attn, cos, sin, cache, layer, same_segment)
         x = x + (a if self.attn_scale is None else self.attn_scale * a)
         h_mlp = norm(x)
         if self.adaln is not None:
@@ -320,12 +325,24 @@ class Transformer(nn.Module):
             nn.init.normal_(self.embed.weight, mean=0.0, std=cfg.embed_init_std)
 
     def forward_hidden(self, idx: Tensor, cond: Tensor | None = None,
-                       cache: KVCache | None = None) -> Tensor:
-        """Final normalised hidden states [B, T, d] (for objectives that want their own head)."""
+                       cache: KVCache | None = None, segments: Tensor | None = None) -> Tensor:
+        """Final normalised hidden states [B, T, d] (for objectives that want their own head).
+
+        ``segments`` [B, T] (e.g. the document of each position in a packed row): a position
+        attends only to positions of its own segment, so one row holds several documents.
+        """
         c = self._condition(idx, cond)
         x = x0 = norm(self.embed(idx))
         start = 0
+        same = None
+        if segments is not None:
+            if segments.shape != idx.shape:
+                raise LmkitError(f"segments {tuple(segments.shape)} must match the input "
+                                 f"{tuple(idx.shape)}")
+            same = (segments[:, :, None] == segments[:, None, :]).unsqueeze(1)
         if cache is not None:
+            if same is not None:
+                raise LmkitError("segments cannot be combined with a KV cache")
             self._require_causal()
             start = cache.pos
         cos, sin = self.rotary(start + idx.size(1))
@@ -333,12 +350,12 @@ class Transformer(nn.Module):
         skips = []
         for i, block in enumerate(self.blocks):
             if i < self.n_enc:
-                x = block(x, x0, cos, sin, c, cache, i)
+                x = block(x, x0, cos, sin, c, cache, i, same)
                 skips.append(x)
                 continue
             if skips:  # decoder block j adds the output of encoder block n_enc-1-j
                 x = x + self.skip_weights[i - self.n_enc] * skips.pop()
-            x = block(x, x0, cos, sin, c, cache, i)
+            x = block(x, x0, cos, sin, c, cache, i, same)
         if cache is not None:
             cache.pos += idx.size(1)
         return norm(x)

@@ -6,7 +6,10 @@ different seeds; the benchmark reports how often ``|value − reference| ≤ 2·
 reference's own small stderr is added in quadrature) and the spread of the values across seeds
 against the stderr they reported (a ratio near 1 is an honest stderr).
 
-    python -m lmkit.core.bench.coverage RUN_DIR [RUN_DIR ...] [--seeds 40] [--max-tokens N]
+For two runs scored with the same draws (common random numbers), the paired difference of
+their ``nelbo_mc`` is checked the same way against a high-precision paired difference.
+
+    lmkit bench coverage RUN_DIR [RUN_DIR ...] [--seeds 40] [--max-tokens N] [--paired]
     python -m lmkit.core.bench.coverage --tiny DATA_DIR --out DIR   # train tiny mdlm, maskrecon
 """
 
@@ -25,6 +28,8 @@ from lmkit.core.bpb import LN2, Metric
 from lmkit.core.device import resolve_device
 from lmkit.core.evaluate import make_eval_context
 from lmkit.core.masking import MaskedSpec, eval_rows, monte_carlo_nelbo
+from lmkit.core.paired import paired_difference
+from lmkit.errors import LmkitError
 
 REFERENCE_SEED = 1_000_003
 
@@ -87,6 +92,62 @@ def coverage_run(run_dir: str | Path, *, seeds: int = 40, max_tokens: int | None
             "val_targets": int(base.val_tokens.numel() - 1), "rows": out}
 
 
+def paired_coverage(run_a: str | Path, run_b: str | Path, *, seeds: int = 40,
+                    max_tokens: int | None = None, reference_samples: int = 256,
+                    device: str = "auto") -> dict[str, Any]:
+    """Coverage of the paired stderr of ``nelbo_mc(a) − nelbo_mc(b)`` under shared draws."""
+    dev = resolve_device(device)
+    loaded = [runs.load_run(r, device=dev) for r in (run_a, run_b)]
+
+    def ctx(run: runs.Run, seed: int) -> Any:
+        return make_eval_context(run, max_tokens=max_tokens, seed=seed)
+
+    base = ctx(loaded[0], 0)
+    rows = [eval_rows(ctx(r, 0).val_tokens, base.seq_len, r.objective.spec) for r in loaded]
+    if not torch.equal(rows[0].positions, rows[1].positions):
+        raise LmkitError(f"{run_a} and {run_b} do not score the same sequences")
+    samples = base.options.samples
+
+    def diff(seed: int, k: int) -> dict[str, Any]:
+        pair = []
+        with torch.no_grad():
+            for run, rws in zip(loaded, rows, strict=True):
+                m = monte_carlo_nelbo(run.model.eval(), ctx(run, seed), run.objective.spec,
+                                      rws, samples=k, steps=None, seed=seed, name="nelbo_mc")
+                pair += [m.to_dict(), m.units]
+        d = paired_difference(*pair)
+        if d is None:
+            raise LmkitError(f"{run_a} and {run_b} do not share their Monte-Carlo draws")
+        return d
+
+    ref = diff(REFERENCE_SEED, reference_samples)
+    draws = [diff(s, samples) for s in range(seeds)]
+    to_nats = LN2 * ref["bytes"]
+    paired = _summary("nelbo_mc a − b (paired)", (ref["difference"] * to_nats,
+                                                  ref["stderr"] * to_nats),
+                      [(d["difference"] * to_nats, d["stderr"] * to_nats) for d in draws],
+                      ref["bytes"])
+    independent = _summary("  same, independent ±", (ref["difference"] * to_nats,
+                                                     ref["stderr"] * to_nats),
+                           [(d["difference"] * to_nats, d["independent_stderr"] * to_nats)
+                            for d in draws], ref["bytes"])
+    return {"benchmark": "paired coverage", "runs": [str(Path(r).resolve()) for r in
+                                                      (run_a, run_b)],
+            "sequences": len(rows[0]), "samples": samples,
+            "reference_samples": reference_samples, "rows": [paired, independent]}
+
+
+def format_paired(result: dict[str, Any]) -> str:
+    lines = [f"paired · {' − '.join(result['runs'])} · {result['sequences']} sequences"]
+    for r in result["rows"]:
+        lines.append(
+            f"  {r['metric']:<26} coverage {r['covered']}/{r['seeds']} = {r['coverage']:.0%}"
+            f"  reference {r['reference_bpb']:+.5f} ± {r['reference_stderr_bpb']:.5f}"
+            f"  mean {r['mean_bpb']:+.5f}  rms stderr {r['rms_stderr_bpb']:.5f}"
+            f"  spread/stderr {r['spread_over_stderr']:.2f}")
+    return "\n".join(lines)
+
+
 def train_tiny(data_dir: str | Path, out_dir: str | Path, objective: str,
                steps: int = 40) -> Path:
     """A weakly trained tiny model of ``objective`` (fp32, seq 32) on ``data_dir``."""
@@ -122,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reference-samples", type=int, default=256)
     p.add_argument("--tiny", metavar="DATA_DIR", help="first train tiny mdlm and maskrecon runs")
     p.add_argument("--out", default="coverage-runs", help="where --tiny puts its runs")
+    p.add_argument("--paired", action="store_true", help="also the paired difference of the "
+                   "first two runs")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     run_dirs = list(args.runs)
@@ -131,6 +194,11 @@ def main(argv: list[str] | None = None) -> None:
         print(format_rows(coverage_run(run_dir, seeds=args.seeds, max_tokens=args.max_tokens,
                                        reference_samples=args.reference_samples,
                                        device=args.device)), flush=True)
+    if args.paired and len(run_dirs) >= 2:
+        print(format_paired(paired_coverage(run_dirs[0], run_dirs[1], seeds=args.seeds,
+                                            max_tokens=args.max_tokens,
+                                            reference_samples=args.reference_samples,
+                                            device=args.device)), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from lmkit.core.evaluate import evaluate_run
 def bench_eval(run_dir: str, *, max_tokens: int | None = None,
                options: dict[str, Any] | None = None, device: str = "auto") -> dict[str, Any]:
     """Cost of each estimator of a run's evaluation: seconds and model calls per 1M tokens."""
-    result = evaluate_run(run_dir, max_tokens=max_tokens, options=options, device=device)
+    result = evaluate_run(run_dir, max_tokens=max_tokens, options=options, device=device,
+                          latest=False)
     by_name = {m["name"]: m for m in result["metrics"]}
     rows = []
     for cost in result["costs"]:

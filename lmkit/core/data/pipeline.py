@@ -43,10 +43,16 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-.") or "corpus"
 
 
+def lmkit_home() -> Path:
+    """lmkit's cache: ``$LMKIT_HOME``, else ``$XDG_CACHE_HOME/lmkit``, else ``~/.cache/lmkit``."""
+    if os.environ.get("LMKIT_HOME"):
+        return Path(os.environ["LMKIT_HOME"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "lmkit"
+
+
 def default_data_dir(corpus_name: str, vocab_size: int) -> Path:
-    """Where a named corpus is prepared once and reused: $LMKIT_HOME/data/NAME-spVOCAB."""
-    home = Path(os.environ.get("LMKIT_HOME") or "~/.cache/lmkit").expanduser()
-    return home / "data" / f"{_safe_name(corpus_name)}-sp{vocab_size}"
+    """Where a named corpus is prepared once and reused: <lmkit home>/data/NAME-spVOCAB."""
+    return lmkit_home() / "data" / f"{_safe_name(corpus_name)}-sp{vocab_size}"
 
 
 def _nonempty(corpus: Corpus) -> Iterator[str]:

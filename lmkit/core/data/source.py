@@ -105,10 +105,14 @@ def open_data(data_dir: Path, tokenizer: Path | Tokenizer | None = None) -> Data
     own copy), else the one the directory names; it must be the one the shards were made with.
     """
     data_dir = Path(data_dir).expanduser()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise LmkitError(f"--data {data_dir} is a file; pass the directory that holds the token "
+                         "shards (*_train_*.bin, *_val_*.bin)")
     if not data_dir.is_dir():
         raise LmkitError(
             f"data directory {data_dir} does not exist; run `lmkit data prepare` or pass --data DIR"
         )
+    train, val = find_shards(data_dir, "train"), find_shards(data_dir, "val")  # shards first
     manifest = _read_manifest(data_dir)
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.load(_resolve_tokenizer(data_dir, tokenizer, manifest))
@@ -121,7 +125,6 @@ def open_data(data_dir: Path, tokenizer: Path | Tokenizer | None = None) -> Data
             f"{recorded_sha[:12]}..., but {tokenizer.path} has sha256 {tokenizer.sha256[:12]}...; "
             "pass the tokenizer the shards were made with or re-run `lmkit data prepare`"
         )
-    train, val = find_shards(data_dir, "train"), find_shards(data_dir, "val")
     for shard in train + val:
         read_shard_header(shard)
     return DataSource(dir=data_dir, tokenizer=tokenizer, train_shards=train, val_shards=val,
