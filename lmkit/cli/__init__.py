@@ -253,9 +253,11 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
 @click.option("--json", "as_json", is_flag=True)
 def plugins(show_all: bool, as_json: bool) -> None:
     """List installed plugins with their versions and hooks."""
-    from lmkit.core.registry import plugin_listing
+    from lmkit.core.registry import get_registry, plugin_listing
 
     rows = plugin_listing(include_builtins=show_all)
+    for failure in get_registry().deferred:  # strict mode: listed, the listing still answers
+        console.print(f"lmkit: {failure} (LMKIT_STRICT_PLUGINS)", soft_wrap=True, markup=False)
     if as_json:
         emit_json(rows)
         return
@@ -431,7 +433,7 @@ bench.add_command(bench_sample_command)
 def _add_plugin_commands() -> None:
     from lmkit.core.registry import get_registry
 
-    get_registry().pm.hook.register_commands(cli=cli)
+    get_registry().add_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:
