@@ -194,7 +194,8 @@ def _shape(value: Any) -> tuple[int, ...] | None:
 
 
 def _read_array(spec: Any, blob: memoryview, what: str, bad: Callable[[str], LmkitError]) -> Tensor:
-    if not isinstance(spec, dict) or spec.get("dtype") not in ARRAY_DTYPES:
+    if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) \
+            or spec["dtype"] not in ARRAY_DTYPES:
         raise bad(f"{what} has no valid dtype")
     shape = _shape(spec.get("shape"))
     offset, nbytes = spec.get("offset"), spec.get("nbytes")
@@ -217,6 +218,8 @@ def _read_entry(entry: Any, blob: memoryview, bad: Callable[[str], LmkitError]) 
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise bad("a tensor entry has no name")
     name, scheme, dtype = entry["name"], entry.get("scheme"), entry.get("dtype")
+    if not isinstance(dtype, str) or not isinstance(scheme, str):
+        raise bad(f"tensor {name} has no valid dtype or scheme")
     shape = _shape(entry.get("shape"))
     arrays = entry.get("arrays")
     if shape is None or not isinstance(arrays, dict):
