@@ -179,7 +179,8 @@ def test_nan_every_json_writer_is_strict(run_dir):
     calls json.dump(s) directly."""
     root = Path(__file__).resolve().parents[1] / "lmkit"
     allowed = {"core/jsonfile.py", "core/checkpoint.py", "core/atomic.py", "core/runs.py",
-               "core/artifact.py", "testing.py", "core/bench/coverage.py"}
+               "core/artifact.py", "testing.py", "core/bench/coverage.py",
+               "core/bench/fuzz.py"}  # fuzz writes damaged inputs on purpose
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if "json.dump" in p.read_text() and str(p.relative_to(root)) not in allowed]
     assert offenders == []

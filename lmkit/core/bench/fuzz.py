@@ -308,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = fuzz(args.examples, args.timeout, args.seed, args.only)
     if args.json:
-        print(json.dumps(rows))
+        from lmkit.core.jsonfile import dumps
+
+        print(dumps(rows))
     return 1 if any(r["tracebacks"] or r["hangs"] for r in rows) else 0
 
 
