@@ -92,14 +92,14 @@ def loads(text: str | bytes, where: str) -> Any:
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise LmkitError(f"{where} is not UTF-8 text (byte {exc.start}); it is damaged: "
+            raise LmkitError(f"{where}: not UTF-8 text (byte {exc.start}); it is damaged: "
                              "restore or re-create it") from None
     try:
         value = json.loads(text)
     except RecursionError:
-        raise LmkitError(f"{where} nests too deeply to be an lmkit file; it is damaged") from None
+        raise LmkitError(f"{where}: nests too deeply to be an lmkit file; it is damaged") from None
     except ValueError as exc:  # JSONDecodeError, and int strings past Python's digit limit
-        raise LmkitError(f"{where} is not valid JSON ({exc}); restore or re-create it") from None
+        raise LmkitError(f"{where}: not valid JSON ({exc}); restore or re-create it") from None
     _check_value(value, where)
     return value
 
