@@ -137,8 +137,15 @@ def test_plugin_commands_join_the_cli(site):
 
 
 def test_strict_mode_fails_naming_the_plugin(site):
+    """Strict mode makes a broken plugin an error for every command that uses the registered
+    entries; `lmkit plugins` and `--help` still answer (issue 14, defect 8)."""
     broken_plugin(site)
-    out = lmkit(site, "plugins", LMKIT_STRICT_PLUGINS="1")
+    for args in (["plugins"], ["--help"]):
+        out = lmkit(site, *args, LMKIT_STRICT_PLUGINS="1")
+        assert out.returncode == 0, out.stderr
+        assert "Traceback" not in out.stderr
+    assert "'broken'" in lmkit(site, "plugins", LMKIT_STRICT_PLUGINS="1").stderr
+    out = lmkit(site, "objectives", LMKIT_STRICT_PLUGINS="1")
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     text = " ".join(out.stderr.split())
@@ -149,10 +156,19 @@ def test_strict_mode_fails_naming_the_plugin(site):
 def test_two_plugins_with_one_objective_name_is_an_error_naming_both(site):
     good_plugin(site, dist="lmkit-twin-a", entry_point="twin_a", module="lmkit_iso_a")
     good_plugin(site, dist="lmkit-twin-b", entry_point="twin_b", module="lmkit_iso_b")
-    out = lmkit(site, "objectives")
+    # issue 14, defect 8: the second plugin is rejected with one warning naming both; the rest
+    # (the first plugin included) keeps working
+    out = lmkit(site, "objectives", "--json")
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    assert [o["plugin"] for o in json.loads(out.stdout) if o["name"] == "twin"] == ["twin_a"]
+    (warning,) = lines_about(out.stderr, "registered twice")
+    for needle in ("'twin_a'", "lmkit-twin-a 1.2.3", "'twin_b'", "lmkit-twin-b 1.2.3"):
+        assert needle in warning
+    assert lmkit(site, "plugins", LMKIT_STRICT_PLUGINS="1").returncode == 0
+    out = lmkit(site, "objectives", LMKIT_STRICT_PLUGINS="1")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     text = " ".join(out.stderr.split())
-    assert text.startswith("Error: objective 'twin' is registered twice")
+    assert text.startswith("Error: plugin 'twin_b'") and "registered twice" in text
     for needle in ("'twin_a'", "lmkit-twin-a 1.2.3", "'twin_b'", "lmkit-twin-b 1.2.3"):
         assert needle in text
 
@@ -187,3 +203,59 @@ def test_allow_list_loads_only_the_named_plugins(site, monkeypatch):
         assert not warned  # the broken plugin was never imported
     finally:
         registry_mod.reset_registry(None)
+
+
+# -- issue 14, defect 8: no plugin can take the CLI down ---------------------------------------
+COMMANDS_RAISE = """
+from lmkit import hookimpl
+
+
+@hookimpl
+def register_commands(cli):
+    raise ValueError("commands exploded")
+"""
+
+EXITS_AT_IMPORT = "import sys\nsys.exit(3)\n"
+
+TAKES_TRAIN = """
+from lmkit import hookimpl
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command("train")
+    def train():
+        print("hijacked")
+"""
+
+UNKNOWN_HOOK = """
+from lmkit import hookimpl
+
+
+@hookimpl
+def register_everything(cli):
+    pass
+"""
+
+
+@pytest.mark.parametrize("source, needle", [
+    (COMMANDS_RAISE, "commands exploded"),
+    (EXITS_AT_IMPORT, "sys.exit(3)"),
+    (TAKES_TRAIN, "'train' is already taken"),
+    (UNKNOWN_HOOK, "register_everything"),
+])
+def test_plugin_isolation_one_broken_plugin_costs_one_warning(site, source, needle):
+    install(site, "lmkit-bad", "0.1", "bad", "lmkit_iso_bad", source)
+    good_plugin(site)
+    for args in (["--help"], ["plugins", "--json"], ["objectives", "--json"], ["hello-twin"]):
+        out = lmkit(site, *args)
+        assert out.returncode == 0, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+        (warning,) = lines_about(out.stderr, "'bad'")
+        assert needle in warning and "lmkit-bad 0.1" in warning
+    assert "hijacked" not in lmkit(site, "train", "--help").stdout
+    for args in (["--help"], ["plugins"]):
+        out = lmkit(site, *args, LMKIT_STRICT_PLUGINS="1")
+        assert out.returncode == 0, (args, out.stderr)
+    out = lmkit(site, "objectives", LMKIT_STRICT_PLUGINS="1")
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "'bad'" in out.stderr

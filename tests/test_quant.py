@@ -426,7 +426,7 @@ def test_tensors_that_do_not_match_the_model_are_refused(artifact, tmp_path):
     with pytest.raises(LmkitError, match="shape"):
         load_artifact(bad)
     bad.write_bytes(reencode(path, lambda m: m["tensors"].pop()))
-    with pytest.raises(LmkitError, match="missing"):
+    with pytest.raises(LmkitError, match="missing"):  # its bytes are refused before decoding
         load_artifact(bad)
     bad.write_bytes(reencode(path, _set(["model", "config", "n_layer"], "many")))
     with pytest.raises(LmkitError, match="model"):

@@ -79,9 +79,12 @@ def masked_spec(ctx: SampleContext, sampler: str) -> MaskedSpec:
     return spec
 
 
+MAX_STEPS = 100_000  # denoising steps: beyond this a sampler runs for days
+
+
 def check_steps(ctx: SampleContext) -> int:
-    if ctx.steps < 1:
-        raise LmkitError(f"--steps must be at least 1, got {ctx.steps}")
+    if not 1 <= ctx.steps <= MAX_STEPS:
+        raise LmkitError(f"--steps must be between 1 and {MAX_STEPS:,}, got {ctx.steps:,}")
     return ctx.steps
 
 

@@ -12,7 +12,17 @@ import click
 
 from lmkit import __version__
 from lmkit.cli.display import TrainDisplay, console, emit_json, metrics_table, output
-from lmkit.cli.options import Count, objective_options, scoring_options
+from lmkit.cli.options import (
+    MAX_LENGTH,
+    MAX_SAMPLER_STEPS,
+    MAX_SAMPLES,
+    MAX_SEED,
+    Count,
+    Finite,
+    bounded,
+    objective_options,
+    scoring_options,
+)
 from lmkit.errors import LmkitError
 
 
@@ -87,8 +97,10 @@ def train_options(fn):
         click.option("--steps", type=Count(min=1), help="Budget: optimizer steps."),
         click.option("--tokens", type=Count(min=1),
                      help="Budget: training tokens (1500000, 1.5M, 1_500_000 and 1.5e6 alike)."),
-        click.option("--time", "seconds", type=float, help="Budget: seconds of training."),
-        click.option("--seed", type=int, help="Seed for init, data order and masks."),
+        click.option("--time", "seconds", type=Finite(0.0, 366 * 24 * 3600.0),
+                     help="Budget: seconds of training."),
+        click.option("--seed", type=bounded(0, MAX_SEED),
+                     help="Seed for init, data order and masks."),
         click.option("--device", help="auto | cpu | cuda | cuda:N."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
                      help="TOML config (sections [model] [optim] [train] [data] [options])."),
@@ -144,18 +156,19 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @scoring_options
-@click.option("--seed", type=int, help="Seed of the Monte-Carlo estimators [default: the run's].")
+@click.option("--seed", type=bounded(0, MAX_SEED),
+              help="Seed of the Monte-Carlo estimators [default: the run's].")
 @click.option("--gen", is_flag=True,
               help="Also generation metrics (kind score): gen_ppl of samples under --judge, with "
                    "their unigram entropy, NFE and tokens/s.")
 @click.option("--judge", "judge_dir", type=click.Path(path_type=Path),
               help="For --gen: an AR run with the same tokenizer that scores the samples.")
 @click.option("--sampler", help="For --gen: sampler [default: the first serving the objective].")
-@click.option("--num", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--num", type=bounded(1, MAX_SAMPLES), default=8, show_default=True,
               help="For --gen: number of samples.")
-@click.option("--length", type=click.IntRange(min=1),
+@click.option("--length", type=bounded(1, MAX_LENGTH),
               help="For --gen: tokens per sample [default: 128, at most the context].")
-@click.option("--steps", type=click.IntRange(min=1),
+@click.option("--steps", type=bounded(1, MAX_SAMPLER_STEPS),
               help="For --gen: denoising steps T of diffusion samplers [default: --length].")
 @click.option("--details", is_flag=True, help="Show every detail of each metric in the table.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (see docs).")
@@ -254,9 +267,11 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
 @click.option("--json", "as_json", is_flag=True)
 def plugins(show_all: bool, as_json: bool) -> None:
     """List installed plugins with their versions and hooks."""
-    from lmkit.core.registry import plugin_listing
+    from lmkit.core.registry import get_registry, plugin_listing
 
     rows = plugin_listing(include_builtins=show_all)
+    for failure in get_registry().deferred:  # strict mode: listed, the listing still answers
+        console.print(f"lmkit: {failure} (LMKIT_STRICT_PLUGINS)", soft_wrap=True, markup=False)
     if as_json:
         emit_json(rows)
         return
@@ -476,7 +491,7 @@ bench.add_command(bench_sample_command)
 def _add_plugin_commands() -> None:
     from lmkit.core.registry import get_registry
 
-    get_registry().pm.hook.register_commands(cli=cli)
+    get_registry().add_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,12 +16,12 @@ output = Console(highlight=False, soft_wrap=True)  # a command's results, on std
 
 
 def emit_json(data: Any) -> None:
-    """The one JSON emitter: a command's result on stdout, indented."""
-    import json
-
+    """The one JSON emitter: a command's result on stdout, indented, strict (no NaN)."""
     import click
 
-    click.echo(json.dumps(data, indent=2, default=str))
+    from lmkit.core.jsonfile import dumps
+
+    click.echo(dumps(data, indent=2))
 
 
 def fmt_count(n: float | None) -> str:

@@ -31,11 +31,48 @@ class Count(click.ParamType):
         return count
 
 
+class Finite(click.ParamType):
+    """A float option that must be finite and within [min, max] (click's FloatRange lets NaN
+    through, which then silently disables every comparison)."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, max: float | None = None):
+        self.min, self.max = min, max
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if (self.min is not None and number < self.min) or (
+                self.max is not None and number > self.max):
+            self.fail(f"{number:g} is not in the range {self.min:g}..{self.max:g}", param, ctx)
+        return number
+
+
+# Upper bounds of counts people type: far above any real use, below what runs for days.
+MAX_BATCH = 1 << 16
+MAX_STRIDE = 1 << 20
+MAX_SAMPLES = 100_000
+MAX_LENGTH = 1 << 20
+MAX_SAMPLER_STEPS = 100_000
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
+
+
+def bounded(lo: int, hi: int) -> click.IntRange:
+    return click.IntRange(min=lo, max=hi)
+
+
 SCORING_OPTIONS = (
     click.option("--max-tokens", type=Count(min=1),
                  help="Score only this many targets: a deterministic prefix of the validation "
                       "stream."),
-    click.option("--stride", type=int,
+    click.option("--stride", type=bounded(1, MAX_STRIDE),
                  help="AR: also score sliding windows with this stride (e.g. 64)."),
     click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
                  help="An evaluation option of the run's objective (repeatable)."),
@@ -45,7 +82,7 @@ SCORING_OPTIONS = (
     click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]),
                  help="Scoring precision [default: the run's train.dtype]; bf16 rounding moves a "
                       "score by ~5e-5 bpb."),
-    click.option("--batch-size", type=int, help="Windows per forward pass."),
+    click.option("--batch-size", type=bounded(1, MAX_BATCH), help="Windows per forward pass."),
 )
 
 

@@ -7,31 +7,40 @@ from pathlib import Path
 import click
 
 from lmkit.cli.display import console, emit_json, output
-from lmkit.cli.options import parse_opts
+from lmkit.cli.options import (
+    MAX_BATCH,
+    MAX_LENGTH,
+    MAX_SAMPLER_STEPS,
+    MAX_SAMPLES,
+    MAX_SEED,
+    Finite,
+    bounded,
+    parse_opts,
+)
 
 
 @click.command("sample")
 @click.argument("run_dir", metavar="RUN_DIR|ARTIFACT", type=click.Path(path_type=Path))
 @click.option("--sampler", help="A registered sampler (see `lmkit samplers`) [default: the first "
                                 "that serves the run's objective: ar for AR, ddpm for masked].")
-@click.option("--num", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--num", type=bounded(1, MAX_SAMPLES), default=4, show_default=True,
               help="Number of samples.")
-@click.option("--length", type=click.IntRange(min=1),
+@click.option("--length", type=bounded(1, MAX_LENGTH),
               help="Tokens to generate per sample [default: 128, at most the run's context].")
-@click.option("--steps", type=click.IntRange(min=1),
+@click.option("--steps", type=bounded(1, MAX_SAMPLER_STEPS),
               help="Denoising steps T of diffusion samplers [default: --length].")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=bounded(0, MAX_SEED), default=0, show_default=True,
               help="Seed of every random draw: the same seed gives the same text.")
 @click.option("--prompt", help="Text the samples continue (after BOS).")
-@click.option("--temperature", type=float, default=1.0, show_default=True,
+@click.option("--temperature", type=Finite(0.0, 1e4), default=1.0, show_default=True,
               help="Softmax temperature (0 = greedy).")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely "
-                                                                       "tokens (0 = off).")
-@click.option("--top-p", type=float, default=1.0, show_default=True,
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Keep the k most likely tokens (0 = off).")
+@click.option("--top-p", type=Finite(0.0, 1.0), default=1.0, show_default=True,
               help="Keep the most likely tokens up to this probability mass (1 = off).")
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
               help="A sampler option, e.g. use_cache=false (ar) or schedule=cosine (confidence).")
-@click.option("--batch-size", type=click.IntRange(min=1),
+@click.option("--batch-size", type=bounded(1, MAX_BATCH),
               help="Samples generated at once [default: all]; the output depends on it.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Precision of the model's forward passes (draws are always float64).")
@@ -93,7 +102,7 @@ def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperatu
               help="T of the diffusion samplers [default: 4 × --length].")
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
               help="Timed repeats per sampler (the best is kept).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=bounded(0, MAX_SEED), default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)

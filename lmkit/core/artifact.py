@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lmkit.core import jsonfile
 from lmkit.core.quant import FLOAT_DTYPES, RAW_DTYPES, QTensor, _dtype_name
 from lmkit.errors import LmkitError
 
@@ -167,9 +168,9 @@ def deserialize(payload: bytes, source: str | Path) -> tuple[dict[str, Any], lis
     if start > len(payload):
         raise bad(f"manifest length {n_manifest:,} runs past the {len(payload):,}-byte payload")
     try:
-        manifest = json.loads(payload[MANIFEST_LEN.size:start].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise bad(f"its manifest is not valid JSON ({type(exc).__name__})") from None
+        manifest = jsonfile.loads(bytes(payload[MANIFEST_LEN.size:start]), "its manifest")
+    except LmkitError as exc:
+        raise bad(str(exc)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise bad(f"manifest format is not {FORMAT!r}")
     entries = manifest.get("tensors")
@@ -193,7 +194,8 @@ def _shape(value: Any) -> tuple[int, ...] | None:
 
 
 def _read_array(spec: Any, blob: memoryview, what: str, bad: Callable[[str], LmkitError]) -> Tensor:
-    if not isinstance(spec, dict) or spec.get("dtype") not in ARRAY_DTYPES:
+    if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) \
+            or spec["dtype"] not in ARRAY_DTYPES:
         raise bad(f"{what} has no valid dtype")
     shape = _shape(spec.get("shape"))
     offset, nbytes = spec.get("offset"), spec.get("nbytes")
@@ -216,6 +218,8 @@ def _read_entry(entry: Any, blob: memoryview, bad: Callable[[str], LmkitError]) 
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise bad("a tensor entry has no name")
     name, scheme, dtype = entry["name"], entry.get("scheme"), entry.get("dtype")
+    if not isinstance(dtype, str) or not isinstance(scheme, str):
+        raise bad(f"tensor {name} has no valid dtype or scheme")
     shape = _shape(entry.get("shape"))
     arrays = entry.get("arrays")
     if shape is None or not isinstance(arrays, dict):
@@ -245,6 +249,8 @@ def _read_entry(entry: Any, blob: memoryview, bad: Callable[[str], LmkitError]) 
         if dtype not in ok or _dtype_name(values) != want or tuple(values.shape) != shape:
             raise bad(f"tensor {name}: {scheme} values do not match dtype {dtype} / shape "
                       f"{list(shape)}")
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise bad(f"tensor {name}: non-finite ({scheme}) values")
         return QTensor(name, shape, dtype, scheme, values)
     raise bad(f"tensor {name} has unknown scheme {scheme!r}")
 
@@ -267,7 +273,65 @@ def read_artifact(path: str | Path, max_payload: int | None = None
         raise LmkitError(f"artifact {path} does not exist") from None
     except IsADirectoryError:
         raise LmkitError(f"artifact {path} is a directory, not an artifact file") from None
+    declared = declared_payload(data)
+    if declared is not None:  # decompress no more than the manifest's tensors need
+        claimed = HEADER.unpack_from(data)[4]
+        if claimed > declared:
+            raise LmkitError(f"artifact {path} is corrupt: its header claims a {claimed:,}-byte "
+                             f"payload but its manifest's tensors need only {declared:,} bytes "
+                             "(missing tensor entries?); re-create it with `lmkit pack`")
+        limit = payload_limit(len(data)) if max_payload is None else max_payload
+        max_payload = min(limit, declared)
     return deserialize(decode_artifact(data, path, max_payload), path)
+
+
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB per hundred tensors
+
+
+def declared_payload(data: bytes) -> int | None:
+    """The payload size the manifest's arrays add up to (manifest included), read by
+    decompressing only the manifest; None when it cannot be read (then decoding and
+    :func:`deserialize` report the damage, within :func:`payload_limit`)."""
+    if len(data) < HEADER.size:
+        return None
+    comp = data[10] if len(data) > 10 else 0
+    kind = {v: k for k, v in COMPRESSIONS.items()}.get(comp)
+    try:
+        if kind == "zlib":
+            d: Any = zlib.decompressobj()
+            head = d.decompress(data[HEADER.size:], MANIFEST_LEN.size)
+        elif kind == "lzma":
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=LZMA_MEMLIMIT)
+            head = d.decompress(data[HEADER.size:], max_length=MANIFEST_LEN.size)
+        else:
+            return None
+        if len(head) < MANIFEST_LEN.size:
+            return None
+        (n_manifest,) = MANIFEST_LEN.unpack_from(head)
+        if n_manifest > MAX_MANIFEST_BYTES:
+            return None
+        if kind == "zlib":
+            raw = d.decompress(d.unconsumed_tail, n_manifest)
+        else:
+            raw = d.decompress(b"", max_length=n_manifest)
+        manifest = json.loads(raw.decode("utf-8")) if len(raw) == n_manifest else None
+    except (zlib.error, lzma.LZMAError, EOFError, ValueError, RecursionError):
+        return None
+    entries = manifest.get("tensors") if isinstance(manifest, dict) else None
+    if not isinstance(entries, list):
+        return None
+    end = 0
+    for entry in entries:
+        arrays = entry.get("arrays") if isinstance(entry, dict) else None
+        for spec in (arrays.values() if isinstance(arrays, dict) else ()):
+            if not isinstance(spec, dict):
+                return None
+            offset, nbytes = spec.get("offset"), spec.get("nbytes")
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                       for v in (offset, nbytes)):
+                return None
+            end = max(end, offset + nbytes)
+    return MANIFEST_LEN.size + n_manifest + end
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu",
@@ -288,14 +352,23 @@ def model_from_tensors(manifest: dict[str, Any], tensors: list[QTensor], source:
     import copy
     from dataclasses import asdict
 
-    from lmkit.core.build import new_model
-    from lmkit.core.config import model_config_from_dict
+    from lmkit.core.build import compare_shapes, new_model, trunk_shapes
+    from lmkit.core.config import MAX_VOCAB, model_config_from_dict
 
     model_meta = manifest.get("model")
     try:
-        cfg = model_config_from_dict(dict(model_meta["config"]))
+        if not isinstance(model_meta, dict) or not isinstance(model_meta.get("config"), dict):
+            raise KeyError("model.config")
+        cfg = model_config_from_dict(dict(model_meta["config"]), f"artifact {source}")
+        vocab, n_special = model_meta["vocab_size"], model_meta["n_special"]
+        if not (isinstance(vocab, int) and isinstance(n_special, int)
+                and 1 <= vocab <= MAX_VOCAB and 0 <= n_special <= 64):
+            raise ValueError(f"vocab_size {vocab!r}, n_special {n_special!r}")
+        # the tensors present must be the model's before the model is allocated
+        compare_shapes({qt.name: tuple(qt.shape) for qt in tensors},
+                       trunk_shapes(cfg, vocab, n_special), f"artifact {source}")
         if like is None:
-            model = new_model(cfg, int(model_meta["vocab_size"]), int(model_meta["n_special"]))
+            model = new_model(cfg, vocab, n_special)
         else:
             if asdict(like.cfg) != asdict(cfg):
                 raise LmkitError(f"artifact {source} was packed from a model with another "

@@ -174,6 +174,12 @@ class Metric:
         _check_kind(self.kind)
         if self.kind == "exact" and self.stderr is not None:
             raise ValueError(f"metric {self.name!r}: an exact value has no stderr")
+        if not math.isfinite(self.value) and self.kind != "score":
+            # A NaN or infinite figure is no code length and no bound: never label it one.
+            self.detail = {**self.detail, "claimed_kind": self.kind,
+                           "non_finite": f"the value is {self.value!r}: the model's outputs "
+                                         "are not finite (a diverged run or overflow)"}
+            self.kind = "score"
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "value": self.value, "unit": self.unit,
@@ -188,7 +194,8 @@ class Metric:
         if missing:
             raise ValueError(f"metric record is missing {', '.join(missing)}: {d!r}")
         stderr = None if d["stderr"] is None else float(d["stderr"])
-        return cls(str(d["name"]), str(d["kind"]), float(d["value"]), str(d["unit"]), stderr,
+        value = math.nan if d["value"] is None else float(d["value"])  # strict JSON: null
+        return cls(str(d["name"]), str(d["kind"]), value, str(d["unit"]), stderr,
                    int(d["tokens"]), int(d["bytes"]), dict(d.get("detail") or {}))
 
 

@@ -51,6 +51,32 @@ def new_model(model_cfg: ModelConfig, vocab_size: int, n_special: int = 0,
     return Transformer(model_cfg, vocab_size, n_special, context).to(device)
 
 
+def trunk_shapes(model_cfg: ModelConfig, vocab_size: int, n_special: int = 0
+                 ) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the trunk's state dict, computed on the meta device:
+    nothing is allocated, so a stored config can be checked against stored tensors first."""
+    config_mod.check_model(model_cfg, vocab_size=vocab_size)
+    with torch.device("meta"):
+        model = Transformer(model_cfg, vocab_size, n_special, context=1)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def compare_shapes(stored: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]],
+                   where: str) -> None:
+    """Stored tensors must hold every trunk tensor with its shape; extra ones may only be an
+    objective's own modules."""
+    missing = sorted(set(want) - set(stored))
+    extra = sorted(n for n in set(stored) - set(want) if not n.startswith("objective_modules."))
+    if missing or extra:
+        raise LmkitError(f"{where} does not match the model its config describes (missing "
+                         f"{missing[:3]}, unexpected {extra[:3]}); it is damaged or from "
+                         "another run")
+    for name, shape in want.items():
+        if stored[name] != shape:
+            raise LmkitError(f"{where}: tensor {name} has shape {list(stored[name])}, the "
+                             f"model config says {list(shape)}; it is damaged or from another run")
+
+
 def attach_objective_modules(objective: Any, model: Transformer) -> None:
     """Build the objective's own trainable modules (``objective.modules(model_cfg)``, optional)
     into ``model.objective_modules`` on the model's device, so they are trained, counted,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,9 +82,9 @@ def _evaluated_entry(run_dir: Path, observer: CompareObserver, *, reuse: bool,
     result = evaluate_run(run_dir, latest=False, reuse=reuse, units=units,
                           progress=observer.eval_progress, **scoring)
     seconds = time.perf_counter() - t0
-    meta = json.loads((run_dir / runs.RUN_FILE).read_text())
+    meta = runs.read_run_meta(run_dir)
     observer.on_evaluated(meta["objective"], seconds, reused="reused_from" in result)
-    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    state = runs.read_run_state(run_dir)
     return Entry(objective=meta["objective"], run_dir=Path(run_dir).resolve(),
                  params=meta["model"]["params"],
                  tokens=state["tokens"], train_seconds=state["seconds"],
@@ -156,7 +155,7 @@ def check_comparable(run_dirs: list[Path], force: bool) -> None:
         path = Path(d) / runs.RUN_FILE
         if not path.exists():
             raise LmkitError(f"{d} is not an lmkit run directory ({runs.RUN_FILE} is missing)")
-        metas.append((Path(d), json.loads(path.read_text())))
+        metas.append((Path(d), runs.read_run_meta(d)))
     first_dir, first = metas[0]
     for d, meta in metas[1:]:
         problems = []
@@ -164,7 +163,8 @@ def check_comparable(run_dirs: list[Path], force: bool) -> None:
             problems.append("a different tokenizer")
         if meta["data"]["tokens"] != first["data"]["tokens"]:
             problems.append("different data")
-        seq = (meta["config"]["train"]["seq_len"], first["config"]["train"]["seq_len"])
+        seq = ((meta["config"].get("train") or {}).get("seq_len"),
+               (first["config"].get("train") or {}).get("seq_len"))
         if seq[0] != seq[1]:
             problems.append(f"seq_len {seq[0]} vs {seq[1]}")
         if problems and not force:
@@ -179,7 +179,7 @@ def compare_runs(run_dirs: list[Path], *, force: bool = False, max_tokens: int |
     check_comparable(run_dirs, force)
     entries = []
     for i, d in enumerate(run_dirs):
-        meta = json.loads((Path(d) / runs.RUN_FILE).read_text())
+        meta = runs.read_run_meta(d)
         observer.on_phase(i, len(run_dirs), meta["objective"], "eval", None)
         entries.append(_evaluated_entry(Path(d), observer, reuse=True, max_tokens=max_tokens,
                                         device=device))

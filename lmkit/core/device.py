@@ -11,16 +11,31 @@ import torch
 
 from lmkit.errors import LmkitError
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # where lmkit can hold real tensors (never meta)
 
-def resolve_device(name: str = "auto") -> torch.device:
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """The device ``--device`` names; anything that cannot hold a model's tensors is an error."""
+    if isinstance(name, torch.device):
+        name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise LmkitError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in DEVICE_TYPES or (device.index is not None and device.index > 255):
+        raise LmkitError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LmkitError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise LmkitError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmkitError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise LmkitError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
     return device
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lmkit.core import atomic
+from lmkit.core import atomic, jsonfile
 from lmkit.core.runs import EVAL_FILE
 from lmkit.errors import LmkitError
 
@@ -49,9 +49,9 @@ def save(run_dir: Path, result: dict[str, Any], units: dict[str, torch.Tensor] |
     if units:
         atomic.write_bytes(_units_path(path), to_bytes(
             {name: t.detach().cpu().double().contiguous() for name, t in units.items()}))
-    atomic.write_json(path, result)
+    jsonfile.write_json(path, result)
     if latest:
-        atomic.write_json(Path(run_dir) / EVAL_FILE, result)
+        jsonfile.write_json(Path(run_dir) / EVAL_FILE, result)
     return path
 
 
@@ -60,11 +60,13 @@ def load(run_dir: Path, protocol: dict[str, Any]
     """The stored result of exactly ``protocol`` and its units, or None (missing or damaged:
     then it is simply evaluated again)."""
     path = record_path(run_dir, protocol)
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+    if not path.is_file():
         return None
-    if not isinstance(result, dict) or result.get("protocol") != protocol:
+    try:
+        result = jsonfile.read_json(path)
+    except LmkitError:
+        return None
+    if result.get("protocol") != json.loads(jsonfile.dumps(protocol)):
         return None
     try:
         return result, load_units(path)

@@ -30,9 +30,10 @@ def check_judge(run_dir: str | Path, judge_run_dir: str | Path) -> None:
     judge_dir, run_dir = Path(judge_run_dir), Path(run_dir)
     if not run_dir.is_dir():
         raise LmkitError(f"--gen needs a run directory or a packed artifact, not {run_dir}")
-    meta = runs.read_json(judge_dir / runs.RUN_FILE,
-                          f"--judge {judge_dir} is not an lmkit run directory "
-                          f"({runs.RUN_FILE} is missing); pass an AR run")
+    if not (judge_dir / runs.RUN_FILE).is_file():
+        raise LmkitError(f"--judge {judge_dir} is not an lmkit run directory "
+                         f"({runs.RUN_FILE} is missing); pass an AR run")
+    meta = runs.read_run_meta(judge_dir)
     objective = meta.get("objective")
     if not can_judge(objective) or not meta["model"]["config"].get("causal", False):
         raise LmkitError(f"--judge {judge_dir} is a {objective!r} run; the judge must be an AR "

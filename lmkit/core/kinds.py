@@ -6,6 +6,7 @@ error of its Monte-Carlo estimate), ``score`` neither.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 METRIC_KINDS = ("exact", "upper_bound", "score")
@@ -44,6 +45,11 @@ def format_metric(m: dict[str, Any] | None, unit: bool = False) -> str:
     ``†`` when it was given free information."""
     if m is None:
         return ""
+    value = m.get("value")
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        # no mark: a non-finite figure is neither exact, nor a bound, nor a usable score
+        shown = "nan" if value is None or value != value else str(value)
+        return f"{shown} (not finite)" + (f" {m['unit']}" if unit else "")
     err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
     free = FREE_MARK if has_free_information(m) else ""
     return f"{KIND_MARKS[m['kind']]}{m['value']:.4f}{err}{free}" + (

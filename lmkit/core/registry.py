@@ -80,14 +80,23 @@ class Registry:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind, _ in KINDS.values()}
         self._pending: list[tuple[Any, PluginInfo]] = []  # attached, registration hooks not run
         self.failures: list[str] = []
+        # strict mode: failures of lazily loaded plugins, raised when an entry is used (so
+        # `lmkit --help` and `lmkit plugins` still answer)
+        self.deferred: list[LmkitError] = []
 
     @property
     def entries(self) -> dict[str, dict[str, Entry]]:
         """kind -> name -> Entry, after every loaded plugin's registration hooks have run."""
         while self._pending:
             plugin, info = self._pending.pop(0)
-            self._collect(plugin, info)
+            self._collect(plugin, info, isolate=True)
         return self._entries
+
+    def check_strict(self) -> None:
+        """In strict mode, the first plugin failure as the error of whatever uses the entries."""
+        self.entries  # noqa: B018
+        if self.deferred:
+            raise self.deferred[0]
 
     # -- loading -----------------------------------------------------------------------------
     def load(self, builtins: tuple[str, ...] = BUILTIN_PLUGINS, entry_points: bool = True) -> None:
@@ -108,19 +117,40 @@ class Registry:
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else "?"
             version = dist.version if dist is not None else "?"
+            what = f"entry point {ep.name!r} ({ep.value}) of {dist_name} {version}"
             try:
                 plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001 - isolate any failure of third-party code
-                self._fail(f"entry point {ep.name!r} ({ep.value}) of {dist_name} {version}", exc)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - sys.exit() at import included
+                self._fail(what, exc, defer=True)
                 continue
-            self._pending.append((plugin, self._attach(plugin, ep.name, dist_name, version)))
+            if self.pm.get_plugin(ep.name) is not None or ep.name in self.plugins:
+                self._fail(what, LmkitError(f"a plugin named {ep.name!r} is already loaded; "
+                                            "uninstall one of them"), defer=True)
+                continue
+            try:
+                info = self._attach(plugin, ep.name, dist_name, version)
+                unknown = [c.name for c in self.pm.get_hookcallers(plugin) or []
+                           if not c.has_spec()]
+                if unknown:
+                    raise LmkitError(f"it implements unknown hooks {', '.join(unknown)}")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - pluggy validation of a bad plugin
+                if self.pm.get_plugin(ep.name) is plugin:
+                    self._rollback(ep.name)
+                self._fail(what, exc, defer=True)
+                continue
+            self._pending.append((plugin, info))
 
     def add_plugin(
         self, plugin: Any, name: str, distribution: str, version: str, builtin: bool = False
     ) -> None:
         """Register ``plugin`` now and collect its registrations; roll it back if a hook raises."""
         self.entries  # noqa: B018 - plugins loaded earlier register first, in load order
-        self._collect(plugin, self._attach(plugin, name, distribution, version, builtin))
+        self._collect(plugin, self._attach(plugin, name, distribution, version, builtin),
+                      isolate=False)
 
     def _attach(self, plugin: Any, name: str, distribution: str, version: str,
                 builtin: bool = False) -> PluginInfo:
@@ -138,19 +168,58 @@ class Registry:
         self.plugins[name] = info
         return info
 
-    def _collect(self, plugin: Any, info: PluginInfo) -> None:
-        """Run ``plugin``'s registration hooks (through pluggy, that plugin only)."""
+    def _collect(self, plugin: Any, info: PluginInfo, isolate: bool) -> None:
+        """Run ``plugin``'s registration hooks (through pluggy, that plugin only).
+
+        ``isolate``: a plugin found through its entry point costs one warning (strict mode: an
+        error when entries are used) whatever it does, a duplicate name included; a plugin
+        added explicitly (:meth:`add_plugin`) raises its LmkitError to the caller.
+        """
         others = [p for p in self.pm.get_plugins() if p is not plugin]
         try:
             for hook_name, (kind, _) in KINDS.items():
                 caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
                 caller(register=self._register_callback(kind, info))
-        except LmkitError:
+        except KeyboardInterrupt:
             self._rollback(info.name)
             raise
-        except Exception as exc:  # noqa: BLE001 - isolate any failure of third-party code
+        except LmkitError as exc:
             self._rollback(info.name)
-            self._fail(f"plugin {info.name!r} of {info.distribution} {info.version}", exc)
+            if not isolate:
+                raise
+            self._fail(f"plugin {info.name!r} of {info.distribution} {info.version}", exc,
+                       defer=True)
+        except BaseException as exc:  # noqa: BLE001 - isolate any failure of third-party code
+            self._rollback(info.name)
+            self._fail(f"plugin {info.name!r} of {info.distribution} {info.version}", exc,
+                       defer=isolate)
+
+    def add_commands(self, cli: Any) -> None:
+        """Run each plugin's ``register_commands`` on its own: one that raises (or exits), or
+        that takes a command name already in use, is rolled back with one warning."""
+        for name, info in list(self.plugins.items()):
+            plugin = self.pm.get_plugin(name)
+            caller_impls = [impl for c in self.pm.get_hookcallers(plugin) or []
+                            if c.name == "register_commands" for impl in c.get_hookimpls()
+                            if impl.plugin is plugin]
+            if not caller_impls:
+                continue
+            others = [p for p in self.pm.get_plugins() if p is not plugin]
+            before = dict(cli.commands)
+            try:
+                self.pm.subset_hook_caller("register_commands", remove_plugins=others)(cli=cli)
+                taken = [n for n, cmd in before.items() if cli.commands.get(n) is not cmd]
+                if taken:
+                    raise LmkitError(f"command {taken[0]!r} is already taken; rename the "
+                                     "plugin's command")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - sys.exit() in a hook included
+                cli.commands.clear()
+                cli.commands.update(before)
+                self._rollback(name)
+                self._fail(f"plugin {name!r} of {info.distribution} {info.version}", exc,
+                           defer=not info.builtin)
 
     def _register_callback(self, kind: str, info: PluginInfo) -> Callable[[Any], None]:
         def register(obj: Any) -> None:
@@ -188,21 +257,35 @@ class Registry:
             )
 
     def _rollback(self, name: str) -> None:
+        self._pending = [(p, i) for p, i in self._pending if i.name != name]
         for by_name in self._entries.values():
             for entry_name in [n for n, e in by_name.items() if e.plugin == name]:
                 del by_name[entry_name]
         self.plugins.pop(name, None)
-        self.pm.unregister(name=name)
+        if self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)
 
-    def _fail(self, what: str, exc: BaseException) -> None:
+    def _fail(self, what: str, exc: BaseException, defer: bool = False) -> None:
+        """One warning for a plugin that failed; strict mode makes it an error: at once, or
+        (``defer``) when something uses the registered entries."""
+        detail = " ".join(str(exc).split())[:300]
+        if isinstance(exc, SystemExit):
+            detail = f"the plugin called sys.exit({exc.code!r})"
         if os.environ.get("LMKIT_STRICT_PLUGINS", "") not in ("", "0"):
-            raise LmkitError(f"{what} failed to load: {type(exc).__name__}: {exc}") from exc
-        message = f"lmkit: skipped {what}: {type(exc).__name__}: {exc}"
+            error = LmkitError(f"{what} failed to load: {type(exc).__name__}: {detail}")
+            error.__cause__ = exc if isinstance(exc, Exception) else None
+            if not defer:
+                raise error
+            self.failures.append(f"lmkit: {error} (LMKIT_STRICT_PLUGINS)")
+            self.deferred.append(error)
+            return
+        message = f"lmkit: skipped {what}: {type(exc).__name__}: {detail}"
         self.failures.append(message)
         warnings.warn(message, PluginWarning, stacklevel=2)
 
     # -- lookup ------------------------------------------------------------------------------
     def get(self, kind: str, name: str) -> Entry:
+        self.check_strict()
         try:
             return self.entries[kind][name]
         except KeyError:
@@ -254,6 +337,7 @@ def entry_listing(kind: str) -> list[dict[str, Any]]:
     from lmkit.core.generate import served_by
 
     registry = get_registry()
+    registry.check_strict()
     rows = []
     for e in sorted(registry.entries[kind].values(), key=lambda e: e.name):
         row = {"name": e.name, "description": e.description, "plugin": e.plugin,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -28,10 +29,10 @@ from typing import Any
 import torch
 
 from lmkit import __version__
-from lmkit.core import atomic
+from lmkit.core import atomic, jsonfile
 from lmkit.core import config as config_mod
 from lmkit.core.build import Setup, build
-from lmkit.core.checkpoint import CHECKPOINT_DIR, load_model_weights, read_json, read_state
+from lmkit.core.checkpoint import CHECKPOINT_DIR, load_model_weights
 from lmkit.core.data import (
     DataSource,
     load_stream,
@@ -95,8 +96,9 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (see :mod:`lmkit.core.atomic`)."""
-    atomic.write_json(path, data)
+    """Write strict JSON atomically: non-finite numbers become null with a reason beside them
+    (see :mod:`lmkit.core.jsonfile`), so every file lmkit writes parses anywhere."""
+    jsonfile.write_json(path, data)
 
 
 class MetricsLog:
@@ -119,10 +121,59 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of ``metrics.jsonl`` (objects, one a line); damage is one LmkitError."""
+    return jsonfile.read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
+    """``RUN/run.json``, checked to hold every key lmkit reads from it (with its type)."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    meta = jsonfile.read_json(path, f"{run_dir} is not an lmkit run directory ({RUN_FILE} is "
+                                    "missing)")
+    where = str(path)
+    req = jsonfile.require
+    req(meta, "objective", str, where)
+    req(meta, "config", dict, where)
+    model = req(meta, "model", dict, where)
+    req(model, "config", dict, f"{where} [model]")
+    params = req(model, "params", int, f"{where} [model]")
+    tokens = req(meta, "tokens", dict, where)
+    vocab = req(tokens, "vocab_size", int, f"{where} [tokens]")
+    bos = req(tokens, "bos_id", int, f"{where} [tokens]")
+    special = req(tokens, "special", dict, f"{where} [tokens]")
+    if not 1 <= vocab <= config_mod.MAX_VOCAB or not 0 <= bos < vocab or params < 0:
+        raise LmkitError(f"{where}: tokens/params out of range (vocab_size {vocab}, bos_id "
+                         f"{bos}, params {params}); it is damaged: restore or re-create it")
+    if len(special) > 64 or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            and vocab <= v < vocab + 64 for k, v in special.items()):
+        raise LmkitError(f"{where}: [tokens] special must map names to the ids after the "
+                         "vocabulary; it is damaged: restore or re-create it")
+    data = req(meta, "data", dict, where)
+    req(data, "dir", str, f"{where} [data]")
+    tok = req(data, "tokenizer", dict, f"{where} [data]")
+    req(tok, "sha256", str, f"{where} [data.tokenizer]")
+    return meta
+
+
+def read_run_state(run_dir: str | Path) -> dict[str, Any]:
+    """``RUN/checkpoint/state.json``, checked to hold the step, tokens and seconds lmkit reads."""
+    from lmkit.core.checkpoint import FORMAT
+
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT_DIR / "state.json"
+    state = jsonfile.read_json(path, f"{run_dir} has no checkpoint ({path} is missing)")
+    if state.get("format") != FORMAT:
+        raise LmkitError(f"{path}: unknown checkpoint format {str(state.get('format'))[:40]!r}")
+    for key in ("step", "tokens"):
+        value = jsonfile.require(state, key, int, str(path))
+        if value < 0:
+            raise LmkitError(f"{path}: {key} is negative; it is damaged")
+    seconds = jsonfile.require(state, "seconds", (int, float), str(path))
+    if not math.isfinite(seconds) or seconds < 0:
+        raise LmkitError(f"{path}: seconds is {seconds!r}; it is damaged")
+    return state
 
 
 @dataclass(kw_only=True)
@@ -179,18 +230,52 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise LmkitError(f"run directory {run_dir} does not exist")
-    meta = read_json(run_dir / RUN_FILE,
-                     f"{run_dir} is not an lmkit run directory ({RUN_FILE} is missing)")
-    cfg = config_mod.from_dict(meta["config"])
+    meta = read_run_meta(run_dir)
+    where = str(run_dir / RUN_FILE)
+    cfg = config_mod.from_dict(meta["config"], where)
+    model_cfg = config_mod.model_config_from_dict(meta["model"]["config"], where)
+    tokens = TokenSpec(**meta["tokens"])
+    state = read_run_state(run_dir)
+    # Names and shapes of the stored weights must be the model's before anything is allocated.
+    check_weights_file(run_dir / CHECKPOINT_DIR / "model.safetensors", model_cfg,
+                       tokens.vocab_size, len(tokens.special))
     tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE, "the run's tokenizer copy")
-    setup = build(cfg, tokenizer=tokenizer, tokens=TokenSpec(**meta["tokens"]),
-                  model_cfg=config_mod.model_config_from_dict(meta["model"]["config"]),
-                  device=device)
-    state = read_state(run_dir)
+    if tokenizer.vocab_size != tokens.vocab_size:
+        raise LmkitError(f"{run_dir}: the tokenizer copy has {tokenizer.vocab_size} ids, "
+                         f"{RUN_FILE} records {tokens.vocab_size}; the run is damaged")
+    setup = build(cfg, tokenizer=tokenizer, tokens=tokens, model_cfg=model_cfg, device=device)
     load_model_weights(run_dir, setup.model)
+    check_finite(setup.model, run_dir / CHECKPOINT_DIR / "model.safetensors")
     setup.model.eval()
     fields = {f.name: getattr(setup, f.name) for f in dataclasses.fields(Setup)}
     return Run(**fields, path=run_dir, meta=meta, state=state)
+
+
+def check_weights_file(path: Path, model_cfg: Any, vocab_size: int, n_special: int) -> None:
+    """Compare the safetensors header of ``path`` (read without loading a tensor) with the
+    trunk ``model_cfg`` describes: every trunk weight present with its shape, nothing else
+    but objective modules. So a damaged run.json cannot make lmkit allocate a huge model."""
+    from safetensors import safe_open
+
+    from lmkit.core.build import compare_shapes, trunk_shapes
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except FileNotFoundError:
+        raise LmkitError(f"{path} is missing") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damage
+        raise LmkitError(f"{path} is corrupt: {str(exc)[:200]}") from None
+    compare_shapes(stored, trunk_shapes(model_cfg, vocab_size, n_special), str(path))
+
+
+def check_finite(model: torch.nn.Module, where: str | Path) -> None:
+    """Every floating-point weight is finite: NaN/inf weights are a diverged or damaged run."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LmkitError(f"{where}: weight {name} holds NaN or infinite values (the run "
+                             "diverged or the file is damaged); retrain with a lower learning "
+                             "rate or restore the file")
 
 
 def write_val_copy(run_dir: Path, data: DataSource) -> bool:

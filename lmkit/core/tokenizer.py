@@ -35,7 +35,7 @@ def load_processor(path: Path, what: str = "tokenizer") -> spm.SentencePieceProc
                          "the data was tokenized with (--tokenizer MODEL)")
     try:
         return spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises several types for damage
         raise LmkitError(f"{what} {path} is not a loadable SentencePiece model ({e}); pass the "
                          ".model file (not the .vocab)") from None
 

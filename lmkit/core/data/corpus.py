@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +30,15 @@ def read_text_file(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+    """The ``text`` of each line; bad UTF-8, lone surrogates, deep nesting or a line that is no
+    object is one LmkitError naming the file and line."""
+    from lmkit.core import jsonfile
+
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmkitError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            obj = jsonfile.loads(line, f"{path}:{lineno}")
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise LmkitError(
                     f"{path}:{lineno}: each line of a .jsonl corpus must be an object with a "

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lmkit.core import jsonfile
 from lmkit.core.data.shards import find_shards, load_stream, read_shard_header
 from lmkit.core.tokenizer import Tokenizer
 from lmkit.errors import LmkitError
@@ -64,11 +64,17 @@ def _read_manifest(data_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmkitError(f"{path} is not valid JSON ({e}); delete it or re-run prepare") from None
-    if not isinstance(manifest, dict):
-        raise LmkitError(f"{path} must hold a JSON object; delete it or re-run prepare")
+        manifest = jsonfile.read_json(path)
+    except LmkitError as e:
+        raise LmkitError(f"{e}; delete it or re-run prepare") from None
+    for key in ("tokenizer", "corpus"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise LmkitError(f"{path}: {key!r} must be an object; delete it or re-run prepare")
+    tok = manifest.get("tokenizer") or {}
+    for key in ("file", "sha256"):
+        if tok.get(key) is not None and not isinstance(tok[key], str):
+            raise LmkitError(f"{path}: tokenizer.{key} must be a string; delete it or re-run "
+                             "prepare")
     return manifest
 
 
