@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from lmkit import __version__
 from lmkit.core import atomic
 from lmkit.core import config as config_mod
 from lmkit.core.build import Setup, build
-from lmkit.core.checkpoint import CHECKPOINT_DIR, load_model_weights, read_json, read_state
+from lmkit.core.checkpoint import find_checkpoint, load_model_weights, read_json, read_state
 from lmkit.core.data import (
     DataSource,
     load_stream,
@@ -99,29 +101,69 @@ def write_json(path: Path, data: Any) -> None:
 
 
 class MetricsLog:
-    """Append-only JSONL: the machine-readable half of the one logging path."""
+    """Append-only JSONL: the machine-readable half of the one logging path.
+
+    A crash (or a full disk) can tear the last line; readers drop a torn tail with a
+    :class:`~lmkit.core.atomic.RecoveryWarning` instead of failing, and a write that hits a full
+    disk is undone and reported as one error.
+    """
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path = Path(path)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
+        line = json.dumps(record, default=float) + "\n"
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(line)
+                fh.flush()
+        except OSError as exc:
+            if not atomic.is_disk_full(exc):
+                raise
+            try:
+                os.truncate(self.path, size)  # no torn line left behind
+            except OSError:
+                pass
+            raise atomic.disk_full_error(self.path, len(line)) from None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record; a torn last line is dropped with a warning, other damage is an error."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        out: list[dict[str, Any]] = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1 or not any(rest.strip() for rest in lines[i + 1:]):
+                    warnings.warn(f"lmkit: {self.path}: dropped a torn last line (line {i + 1}, "
+                                  f"{len(line)} characters), left by a crash or a full disk",
+                                  atomic.RecoveryWarning, stacklevel=2)
+                    break
+                raise LmkitError(f"{self.path} line {i + 1} is corrupt; delete that line to use "
+                                 f"the rest of the log") from None
+            if isinstance(record, dict):
+                out.append(record)
+        return out
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records logged after the checkpoint so the log matches the weights."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic.write_text(self.path, "".join(line + "\n" for line in keep))
+        keep = [r for r in self.records() if r.get("step", 0) <= step]
+        atomic.write_text(self.path, "".join(json.dumps(r, default=float) + "\n" for r in keep))
+
+    def reset(self) -> None:
+        """A run restarted from step 0 starts a new log."""
+        self.path.unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return MetricsLog(Path(run_dir) / METRICS_FILE).records()
 
 
 @dataclass(kw_only=True)
@@ -203,7 +245,13 @@ def write_val_copy(run_dir: Path, data: DataSource) -> bool:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return (Path(run_dir) / CHECKPOINT_DIR / "state.json").exists()
+    """Whether the run has a checkpoint (also one that an interrupted save left to recover)."""
+    return find_checkpoint(run_dir) is not None
+
+
+def has_run_files(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run config (it may have stopped before its first checkpoint)."""
+    return (Path(run_dir) / CONFIG_FILE).is_file()
 
 
 def model_meta(model_cfg: Any, model: torch.nn.Module) -> dict[str, Any]:
