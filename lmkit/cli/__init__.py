@@ -145,7 +145,7 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
                             restart=plan.restart, observer=TrainDisplay(quiet=quiet or as_json))
     except TrainingInterrupted as exc:  # a clean stop on request: 128 + signal, as shells do
         console.print(f"[yellow]{exc}[/]", soft_wrap=True)
-        raise click.exceptions.Exit(128 + exc.signum) from None
+        sys.exit(128 + exc.signum)
     if as_json:
         emit_json(summary)
 
