@@ -69,7 +69,7 @@ def _unflatten_optimizer(
 
 
 # -- finding the newest complete copy ------------------------------------------------------------
-def _complete_state(ckpt: Path) -> dict[str, Any] | None:
+def complete_state(ckpt: Path) -> dict[str, Any] | None:
     """The state of ``ckpt`` if it is a complete checkpoint, else None (never raises)."""
     try:
         state = json.loads((ckpt / STATE_FILE).read_text())
@@ -97,7 +97,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     run_dir = Path(run_dir)
     found = []
     for rank, name in enumerate((CHECKPOINT_DIR, TMP_DIR, OLD_DIR)):
-        state = _complete_state(run_dir / name)
+        state = complete_state(run_dir / name)
         if state is not None:
             found.append((int(state.get("step", 0)), -rank, name))
     if found:
@@ -119,7 +119,7 @@ def recover_checkpoint(run_dir: Path) -> Path | None:
         os.replace(final, aside)
     os.replace(chosen, final)
     atomic.fsync_dir(run_dir)
-    step = (_complete_state(final) or {}).get("step")
+    step = (complete_state(final) or {}).get("step")
     warnings.warn(f"lmkit: {run_dir}: a checkpoint save was interrupted; recovered the checkpoint "
                   f"of step {step} from {chosen.name}", atomic.RecoveryWarning, stacklevel=2)
     return final
