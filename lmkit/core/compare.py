@@ -68,7 +68,7 @@ def default_compare_dir() -> Path:
 
 def _entry_from_run(run_dir: Path, result: dict[str, Any]) -> Entry:
     meta = json.loads((run_dir / runs.RUN_FILE).read_text())
-    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    state = runs.read_state(run_dir)  # the newest complete checkpoint, after a crash too
     return Entry(objective=meta["objective"], run_dir=run_dir, params=meta["model"]["params"],
                  tokens=state["tokens"], train_seconds=state["seconds"],
                  metrics=result["metrics"], eval=result)

@@ -89,7 +89,7 @@ class RunLock:
         try:
             for _ in range(3):
                 try:
-                    os.link(tmp, self.path)
+                    self._create(tmp)
                     self.held = True
                     return
                 except FileExistsError:
@@ -107,6 +107,17 @@ class RunLock:
             raise LmkitError(f"could not lock {self.run_dir}: {self.path} keeps reappearing")
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _create(self, tmp: Path) -> None:
+        """Create the lock from the complete ``tmp``; FileExistsError if it exists."""
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: exclusive create, then write
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(tmp.read_bytes())
 
     def _break(self, holder: dict[str, Any] | None) -> None:
         """Remove a stale lock, unless another process replaced it since it was read."""

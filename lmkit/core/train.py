@@ -1,8 +1,15 @@
 """The training loop, top to bottom: build, (resume), step, log, validate, checkpoint.
 
 Core knows no objective by name: it asks the registry for the class named in the config and
-calls its ``loss`` and ``evaluate``. Resuming restores model, optimizers, RNG and the loader's
-position, so a resumed run follows the uninterrupted one step for step.
+calls its ``loss`` and ``evaluate``. Resuming restores model, optimizers, RNG, the loader's
+position and the open log window, so a resumed run follows the uninterrupted one step for step
+and logs the same records.
+
+Crash safety: checkpoints every ``train.ckpt_seconds`` (and ``train.ckpt_every`` steps) and on
+SIGINT/SIGTERM; one process per run directory (:mod:`lmkit.core.runlock`); a non-finite loss or
+gradient norm stops the run before anything damaged is saved. ``python -m
+lmkit.core.bench.killtest`` SIGKILLs a run at random moments and checks it still ends bitwise
+equal to the uninterrupted run.
 """
 
 from __future__ import annotations
