@@ -145,7 +145,8 @@ def kill_test(
     log(f"reference: {steps} steps in {ref_seconds:.1f} s (start-up {startup:.1f} s, "
         f"{1e3 * step_seconds:.0f} ms/step)")
 
-    targets = sorted(rng.randint(1, max(1, steps - 1)) for _ in range(kills))
+    # targets stop short of the end, so that a kill lands before the run finishes on its own
+    targets = sorted(rng.randint(1, max(1, steps - max(2, steps // 20))) for _ in range(kills))
     report_kills: list[dict[str, Any]] = []
     first = [*base, "--out", str(victim), "--resume", "auto"]
     window = step_seconds * 10  # a random fraction of a few steps past the target
