@@ -126,7 +126,8 @@ def budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer) -> d
 @train_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory [default: runs/<objective>-<preset>-<timestamp>].")
-@click.option("--resume", help="`auto` (continue --out if it has a checkpoint) or a RUN_DIR.")
+@click.option("--resume", help="`auto` (continue --out if it has a checkpoint) or a RUN_DIR; a run "
+                               "that stopped before its first checkpoint restarts from step 0.")
 @click.option("--quiet", is_flag=True, help="No progress display (metrics.jsonl is still written).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON on stdout.")
 def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, device,
@@ -136,9 +137,14 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
     Config precedence: defaults < --preset < --config < flags < --set. The resolved config is
     saved as RUN/config.toml; `lmkit train --config RUN/config.toml` repeats the run, and
     `lmkit train --resume RUN [--steps N]` continues it exactly where it stopped.
+
+    Checkpoints are written every train.ckpt_seconds (and train.ckpt_every steps) and on
+    SIGINT/SIGTERM (exit status 130/143 after the checkpoint); a non-finite loss stops the run
+    with the last good checkpoint kept. One process trains a run directory at a time.
     """
     from lmkit.core.data import open_for_training
     from lmkit.core.plan import plan_training
+    from lmkit.core.train import TrainingInterrupted
     from lmkit.core.train import train as train_run
 
     flags = budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer)
@@ -146,8 +152,12 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
     plan = plan_training(config_file=config_file, preset=preset, flags=flags, sets=sets,
                          out=out, resume=resume)
     source = open_for_training(plan.cfg.data, log=None if quiet else console.print)
-    summary = train_run(plan.cfg, source, plan.run_dir, resume=plan.resume,
-                        observer=TrainDisplay(quiet=quiet or as_json))
+    try:
+        summary = train_run(plan.cfg, source, plan.run_dir, resume=plan.resume,
+                            restart=plan.restart, observer=TrainDisplay(quiet=quiet or as_json))
+    except TrainingInterrupted as exc:  # a clean stop on request: 128 + signal, as shells do
+        console.print(f"[yellow]{exc}[/]", soft_wrap=True)
+        sys.exit(128 + exc.signum)
     if as_json:
         emit_json(summary)
 

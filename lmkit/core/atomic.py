@@ -2,16 +2,30 @@
 
 Readers never see half a file, a crash leaves the previous version in place, and the temp file
 is removed whatever goes wrong. Its hidden name never matches lmkit's ``*_train_*.bin`` globs.
+With ``durable=True`` the file and its directory are fsynced, so the rename survives a power
+cut too (checkpoints use it: a file that claims to be complete must be complete). A full disk
+is reported as one :class:`~lmkit.errors.LmkitError` naming the path and the space involved.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
+import shutil
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from lmkit.errors import LmkitError
+
+
+class DiskFullError(LmkitError):
+    """The device ran out of space (ENOSPC/EDQUOT) while lmkit wrote a file."""
+
+
+class RecoveryWarning(UserWarning):
+    """A run file was repaired after a crash (a torn log line dropped, a checkpoint promoted)."""
 
 
 def temp_name(name: str) -> str:
@@ -19,7 +33,42 @@ def temp_name(name: str) -> str:
     return f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
 
 
-def write_bytes(path: str | Path, data: bytes | Iterable[bytes]) -> None:
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def disk_full_error(path: str | Path, needed: int | None = None, note: str = "") -> DiskFullError:
+    """The one message for ENOSPC: what was being written, how much it needs, what is free."""
+    path = Path(path)
+    where = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    try:
+        free = f"{_mb(shutil.disk_usage(where).free)} free"
+    except OSError:
+        free = "free space unknown"
+    need = f"about {_mb(needed)} needed, " if needed else ""
+    return DiskFullError(f"no space left on the device writing {path} ({need}{free}){note}; "
+                         f"free some space and run the command again")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make renames inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | Path, data: bytes | Iterable[bytes], *, durable: bool = False) -> None:
     """Write ``data`` (bytes or chunks of bytes) to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,16 +78,27 @@ def write_bytes(path: str | Path, data: bytes | Iterable[bytes]) -> None:
         with open(tmp, "xb") as f:  # plain open: the file gets the usual umask permissions
             for chunk in chunks:
                 f.write(chunk)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        if durable:
+            fsync_dir(path.parent)
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            needed = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
+            raise disk_full_error(path, needed) from None
         raise
 
 
-def write_text(path: str | Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+def write_text(path: str | Path, text: str, *, durable: bool = False) -> None:
+    write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
-def write_json(path: str | Path, data: Any, indent: int = 1) -> None:
-    """JSON (non-JSON values as strings) written atomically, with a final newline."""
-    write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
+def write_json(path: str | Path, data: Any, indent: int = 1, *, durable: bool = False) -> None:
+    """Strict JSON (non-finite numbers become null with a reason; see
+    :mod:`lmkit.core.jsonfile`) written atomically, with a final newline. The one JSON writer."""
+    from lmkit.core.jsonfile import dumps
+
+    write_text(path, dumps(data, indent=indent) + "\n", durable=durable)

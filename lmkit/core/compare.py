@@ -380,7 +380,7 @@ def write_report(out: Path, entries: list[Entry], extra: dict[str, Any] | None =
     if png is not None:
         md += f"\n![validation bpb against tokens seen]({png.name})\n"
     atomic.write_text(out / "report.md", md)
-    runs.write_json(out / "compare.json", to_json(entries, extra))
+    atomic.write_json(out / "compare.json", to_json(entries, extra))
     atomic.write_text(out / "compare.csv", to_csv(entries))
     return {"report": out / "report.md", "json": out / "compare.json",
             "csv": out / "compare.csv", "png": png}

@@ -38,6 +38,7 @@ class TrainConfig:
     val_every: int = 0            # steps between validations (0 = only at the end)
     val_tokens: int = 32768       # validation-stream targets scored during training
     ckpt_every: int = 0           # steps between checkpoints (0 = only at the end)
+    ckpt_seconds: float = 120.0   # also checkpoint this long (wall clock) after the last (0 = off)
     seed: int = 1337
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "auto"           # auto (bf16 autocast where supported) | bf16 | fp32
@@ -72,7 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "cond_dim": 16},
         "optim": {"name": "adamw", "lr": 3e-3},
         "train": {"seq_len": 64, "batch_tokens": 1024, "steps": 40, "log_every": 5,
-                  "val_tokens": 4096, "warmup_steps": 5},
+                  "val_tokens": 4096, "warmup_steps": 5, "ckpt_seconds": 5.0},
     },
     "small": {
         "description": "4 layers, d=256, seq 256: a CPU demo that learns real text in minutes",

@@ -49,9 +49,9 @@ def save(run_dir: Path, result: dict[str, Any], units: dict[str, torch.Tensor] |
     if units:
         atomic.write_bytes(_units_path(path), to_bytes(
             {name: t.detach().cpu().double().contiguous() for name, t in units.items()}))
-    jsonfile.write_json(path, result)
+    atomic.write_json(path, result)
     if latest:
-        jsonfile.write_json(Path(run_dir) / EVAL_FILE, result)
+        atomic.write_json(Path(run_dir) / EVAL_FILE, result)
     return path
 
 

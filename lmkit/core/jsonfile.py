@@ -58,13 +58,6 @@ def dumps(data: Any, indent: int | None = None) -> str:
     return json.dumps(sanitize(data), indent=indent, allow_nan=False)
 
 
-def write_json(path: str | Path, data: Any, indent: int = 1) -> None:
-    """Strict JSON written atomically, with a final newline."""
-    from lmkit.core import atomic
-
-    atomic.write_text(path, dumps(data, indent=indent) + "\n")
-
-
 def _check_value(value: Any, where: str) -> None:
     """Refuse nesting deeper than :data:`MAX_DEPTH` and strings that are not valid Unicode (lone
     surrogates from ``\\ud800`` escapes), iteratively (no recursion to exhaust)."""

@@ -214,5 +214,5 @@ def pack_run(run_dir: str | Path, *, device: str = "auto", out: str | Path | Non
         "metrics": after["metrics"], "metrics_before": before["metrics"],
         "penalty": penalty(before["metrics"], after["metrics"]),
     }
-    runs.write_json(run.path / PACK_FILE, result)
+    atomic.write_json(run.path / PACK_FILE, result)
     return result

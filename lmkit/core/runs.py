@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import math
+import os
 import platform
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,14 @@ from lmkit import __version__
 from lmkit.core import atomic, jsonfile
 from lmkit.core import config as config_mod
 from lmkit.core.build import Setup, build
-from lmkit.core.checkpoint import CHECKPOINT_DIR, load_model_weights
+from lmkit.core.checkpoint import (
+    CHECKPOINT_DIR,
+    MODEL_FILE,
+    STATE_FILE,
+    find_checkpoint,
+    load_model_weights,
+    read_state,
+)
 from lmkit.core.data import (
     DataSource,
     load_stream,
@@ -95,34 +103,72 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write strict JSON atomically: non-finite numbers become null with a reason beside them
-    (see :mod:`lmkit.core.jsonfile`), so every file lmkit writes parses anywhere."""
-    jsonfile.write_json(path, data)
-
-
 class MetricsLog:
-    """Append-only JSONL: the machine-readable half of the one logging path."""
+    """Append-only JSONL: the machine-readable half of the one logging path.
+
+    A crash (or a full disk) can tear the last line; readers drop a torn tail with a
+    :class:`~lmkit.core.atomic.RecoveryWarning` instead of failing, and a write that hits a full
+    disk is undone and reported as one error.
+    """
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path = Path(path)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
+        line = jsonfile.dumps(record) + "\n"
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(line)
+                fh.flush()
+        except OSError as exc:
+            if not atomic.is_disk_full(exc):
+                raise
+            try:
+                os.truncate(self.path, size)  # no torn line left behind
+            except OSError:
+                pass
+            raise atomic.disk_full_error(self.path, len(line)) from None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record; a torn last line is dropped with a warning, other damage is an error."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        out: list[dict[str, Any]] = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = jsonfile.loads(line, f"{self.path} line {i + 1}")
+            except LmkitError:
+                if i == len(lines) - 1 or not any(rest.strip() for rest in lines[i + 1:]):
+                    warnings.warn(f"lmkit: {self.path}: dropped a torn last line (line {i + 1}, "
+                                  f"{len(line)} characters), left by a crash or a full disk",
+                                  atomic.RecoveryWarning, stacklevel=2)
+                    break
+                raise LmkitError(f"{self.path} line {i + 1} is corrupt; delete that line to use "
+                                 f"the rest of the log") from None
+            if isinstance(record, dict):
+                out.append(record)
+        return out
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records logged after the checkpoint so the log matches the weights."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic.write_text(self.path, "".join(line + "\n" for line in keep))
+        keep = [r for r in self.records() if r.get("step", 0) <= step]
+        atomic.write_text(self.path, "".join(jsonfile.dumps(r) + "\n" for r in keep))
+
+    def reset(self) -> None:
+        """A run restarted from step 0 starts a new log."""
+        self.path.unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` (objects, one a line); damage is one LmkitError."""
-    return jsonfile.read_jsonl(Path(run_dir) / METRICS_FILE)
+    """The records of ``metrics.jsonl`` (objects, one a line): a torn last line is dropped with
+    a warning, other damage is one LmkitError."""
+    return MetricsLog(Path(run_dir) / METRICS_FILE).records()
 
 
 def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
@@ -159,13 +205,9 @@ def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
 
 def read_run_state(run_dir: str | Path) -> dict[str, Any]:
     """``RUN/checkpoint/state.json``, checked to hold the step, tokens and seconds lmkit reads."""
-    from lmkit.core.checkpoint import FORMAT
-
     run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT_DIR / "state.json"
-    state = jsonfile.read_json(path, f"{run_dir} has no checkpoint ({path} is missing)")
-    if state.get("format") != FORMAT:
-        raise LmkitError(f"{path}: unknown checkpoint format {str(state.get('format'))[:40]!r}")
+    state = read_state(run_dir)  # the newest complete checkpoint, after a crash too
+    path = (find_checkpoint(run_dir) or run_dir / CHECKPOINT_DIR) / STATE_FILE
     for key in ("step", "tokens"):
         value = jsonfile.require(state, key, int, str(path))
         if value < 0:
@@ -236,16 +278,16 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     model_cfg = config_mod.model_config_from_dict(meta["model"]["config"], where)
     tokens = TokenSpec(**meta["tokens"])
     state = read_run_state(run_dir)
+    weights = (find_checkpoint(run_dir) or run_dir / CHECKPOINT_DIR) / MODEL_FILE
     # Names and shapes of the stored weights must be the model's before anything is allocated.
-    check_weights_file(run_dir / CHECKPOINT_DIR / "model.safetensors", model_cfg,
-                       tokens.vocab_size, len(tokens.special))
+    check_weights_file(weights, model_cfg, tokens.vocab_size, len(tokens.special))
     tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE, "the run's tokenizer copy")
     if tokenizer.vocab_size != tokens.vocab_size:
         raise LmkitError(f"{run_dir}: the tokenizer copy has {tokenizer.vocab_size} ids, "
                          f"{RUN_FILE} records {tokens.vocab_size}; the run is damaged")
     setup = build(cfg, tokenizer=tokenizer, tokens=tokens, model_cfg=model_cfg, device=device)
     load_model_weights(run_dir, setup.model)
-    check_finite(setup.model, run_dir / CHECKPOINT_DIR / "model.safetensors")
+    check_finite(setup.model, weights)
     setup.model.eval()
     fields = {f.name: getattr(setup, f.name) for f in dataclasses.fields(Setup)}
     return Run(**fields, path=run_dir, meta=meta, state=state)
@@ -289,7 +331,13 @@ def write_val_copy(run_dir: Path, data: DataSource) -> bool:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return (Path(run_dir) / CHECKPOINT_DIR / "state.json").exists()
+    """Whether the run has a checkpoint (also one that an interrupted save left to recover)."""
+    return find_checkpoint(run_dir) is not None
+
+
+def has_run_files(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run config (it may have stopped before its first checkpoint)."""
+    return (Path(run_dir) / CONFIG_FILE).is_file()
 
 
 def model_meta(model_cfg: Any, model: torch.nn.Module) -> dict[str, Any]:

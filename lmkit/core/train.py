@@ -1,13 +1,23 @@
 """The training loop, top to bottom: build, (resume), step, log, validate, checkpoint.
 
 Core knows no objective by name: it asks the registry for the class named in the config and
-calls its ``loss`` and ``evaluate``. Resuming restores model, optimizers, RNG and the loader's
-position, so a resumed run follows the uninterrupted one step for step.
+calls its ``loss`` and ``evaluate``. Resuming restores model, optimizers, RNG, the loader's
+position and the open log window, so a resumed run follows the uninterrupted one step for step
+and logs the same records.
+
+Crash safety: checkpoints every ``train.ckpt_seconds`` (and ``train.ckpt_every`` steps) and on
+SIGINT/SIGTERM; one process per run directory (:mod:`lmkit.core.runlock`); a non-finite loss or
+gradient norm stops the run before anything damaged is saved. ``python -m
+lmkit.core.bench.killtest`` SIGKILLs a run at random moments and checks it still ends bitwise
+equal to the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +35,7 @@ from lmkit.core.device import synchronize
 from lmkit.core.evaluate import run_evaluation
 from lmkit.core.optim import build_optimizers, set_schedule
 from lmkit.core.perf import measure_peak_flops
+from lmkit.core.runlock import LOCK_FILE, RunLock
 from lmkit.core.trunk import count_params, flops_per_token
 from lmkit.errors import LmkitError
 from lmkit.protocols import Batch
@@ -72,11 +83,25 @@ def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_frac: 
 
 @dataclass
 class StepStats:
-    """One optimizer step: mean loss, mean of the objective's loss metrics, real tokens."""
+    """One optimizer step: mean loss, mean of the objective's loss metrics, real tokens, and the
+    gradient norm before clipping (what divergence is judged on)."""
 
     loss: float
     metrics: dict[str, float]
     tokens: int
+    grad_norm: float | None = None
+
+
+def _grad_norm(model: torch.nn.Module, grad_clip: float) -> torch.Tensor | None:
+    """The total gradient norm, clipped when ``grad_clip > 0`` (clipping computes it anyway).
+
+    Without clipping the norm is still computed (one fused pass over the gradients, no sync):
+    a non-finite gradient with a finite loss would otherwise poison the weights unseen.
+    """
+    if grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
 
 
 def train_step(setup: Setup, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
@@ -94,15 +119,77 @@ def train_step(setup: Setup, model: torch.nn.Module, optimizers: list[torch.opti
         for key, value in out.metrics.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
         tokens += batch.tokens[:, 1:].numel() if out.tokens is None else int(out.tokens)
-    if setup.cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(setup.model.parameters(), setup.cfg.optim.grad_clip)
+    norm = _grad_norm(setup.model, setup.cfg.optim.grad_clip)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    # one sync per step keeps the clock honest
-    return StepStats(float(loss_sum) / accum, {k: v / accum for k, v in metric_sums.items()},
-                     tokens)
+    # one sync per step keeps the clock honest; the grad norm rides along in the same transfer
+    if norm is None:
+        loss, grad_norm = float(loss_sum), None
+    else:
+        loss, grad_norm = torch.stack([loss_sum, norm.detach().float()]).tolist()
+    return StepStats(loss / accum, {k: v / accum for k, v in metric_sums.items()}, tokens,
+                     grad_norm)
+
+
+class TrainingInterrupted(LmkitError):
+    """SIGINT/SIGTERM stopped training after a step, with a checkpoint saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the loop to stop at the end of the current step, checkpointed;
+    a second signal aborts at once (the last checkpoint stays intact). The previous handlers are
+    restored on exit. Outside the main thread signals cannot be caught, so nothing is installed.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last train record; checkpointed, so a resumed run logs the same
+    averages as the uninterrupted one."""
+
+    tokens: int = 0
+    loss: float = 0.0
+    n: int = 0
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def add(self, stats: StepStats, tokens: int) -> None:
+        self.tokens += tokens
+        self.loss += stats.loss
+        for key, value in stats.metrics.items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + value
+        self.n += 1
 
 
 def _write_run_files(run_dir: Path, setup: Setup, data: DataSource) -> None:
@@ -110,7 +197,7 @@ def _write_run_files(run_dir: Path, setup: Setup, data: DataSource) -> None:
     atomic.write_text(run_dir / runs.CONFIG_FILE, config_mod.to_toml(setup.cfg))
     atomic.write_bytes(run_dir / runs.TOKENIZER_FILE, setup.tokenizer.path.read_bytes())
     runs.write_val_copy(run_dir, data)
-    runs.write_json(run_dir / runs.RUN_FILE, {
+    atomic.write_json(run_dir / runs.RUN_FILE, {
         "format": "lmkit-run/1",
         "objective": setup.cfg.objective,
         "config": config_mod.to_dict(setup.cfg),
@@ -129,10 +216,31 @@ def train(
     run_dir: Path,
     *,
     resume: bool = False,
+    restart: bool = False,
     observer: TrainObserver | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` on ``data`` into ``run_dir``; return a summary (also logged)."""
-    observer = observer or NullObserver()
+    """Train ``cfg`` on ``data`` into ``run_dir``; return a summary (also logged).
+
+    ``resume`` continues from the run's checkpoint; ``restart`` starts a run that stopped before
+    its first checkpoint again from step 0 (its log reset). The run directory is locked for the
+    duration (:mod:`lmkit.core.runlock`); SIGINT/SIGTERM stop after the current step with a
+    checkpoint (:class:`TrainingInterrupted`); a non-finite loss or gradient norm stops at once
+    without checkpointing the damaged weights.
+    """
+    run_dir = Path(run_dir)
+    with RunLock(run_dir), StopSignals() as stop:
+        if not (resume or restart) and any(not p.name.startswith(LOCK_FILE)
+                                           for p in run_dir.iterdir()):
+            raise LmkitError(
+                f"{run_dir} already exists and is not empty; pass --resume auto to continue it "
+                f"or choose another --out"
+            )
+        return _train(cfg, data, run_dir, resume=resume, restart=restart,
+                      observer=observer or NullObserver(), stop=stop)
+
+
+def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, restart: bool,
+           observer: TrainObserver, stop: StopSignals) -> dict[str, Any]:
     t = cfg.train
     setup = build(cfg, data)
     model, objective, device = setup.model, setup.objective, setup.device
@@ -144,19 +252,21 @@ def train(
     log = runs.MetricsLog(run_dir / runs.METRICS_FILE)
 
     step, tokens_seen, train_seconds, trained_tokens = 0, 0, 0.0, 0
+    window = LogWindow()
+    ckpt_step: int | None = None
     if resume:
         state = load_checkpoint(run_dir, model, optimizers)
         step, tokens_seen, train_seconds = state["step"], state["tokens"], state["seconds"]
         trained_tokens = int(state.get("trained_tokens", tokens_seen))
         loader.load_state_dict(state["loader"])
+        if isinstance(state.get("log_window"), dict):
+            window = LogWindow(**state["log_window"])
+        ckpt_step = step
         log.truncate_after(step)
-    else:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise LmkitError(
-                f"{run_dir} already exists and is not empty; pass --resume auto to continue it "
-                f"or choose another --out"
-            )
+    elif restart:
+        log.reset()
     _write_run_files(run_dir, setup, data)
+    start_step = step
 
     step_model = torch.compile(model) if t.compile else model
     n_params = count_params(model)
@@ -180,14 +290,16 @@ def train(
         return metrics
 
     def checkpoint() -> None:
+        nonlocal ckpt_step, last_ckpt
         save_checkpoint(run_dir, model, optimizers, {
             "step": step, "tokens": tokens_seen, "seconds": train_seconds,
             "trained_tokens": trained_tokens, "loader": loader.state_dict(),
+            "log_window": dataclasses.asdict(window),
         })
+        ckpt_step, last_ckpt = step, time.perf_counter()
 
     model.train()
-    window_t0, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
-    window_metrics: dict[str, float] = {}
+    window_t0 = last_ckpt = time.perf_counter()
     last_val: list[dict[str, Any]] = []
     while budget.progress(step, tokens_seen, train_seconds) < 1.0:
         t0 = time.perf_counter()
@@ -195,29 +307,33 @@ def train(
         mult = lr_multiplier(step, progress, t.warmup_steps, t.warmdown_frac)
         set_schedule(optimizers, cfg.optim, step, mult)
         stats = train_step(setup, step_model, optimizers, loader, accum, step)
+        if not (math.isfinite(stats.loss)
+                and (stats.grad_norm is None or math.isfinite(stats.grad_norm))):
+            kept = (f"the last good checkpoint (step {ckpt_step}) is kept in {run_dir}"
+                    if ckpt_step is not None else "no checkpoint was written")
+            raise LmkitError(
+                f"training diverged at step {step + 1}: loss {stats.loss}, gradient norm "
+                f"{stats.grad_norm}; {kept}. Lower optim.lr (now {cfg.optim.lr}) or set "
+                f"optim.grad_clip, then train again")
         if step == 0:
             check_declared(objective, model)  # a module created inside loss() is an error too
         step += 1
         tokens_seen += tokens_per_step
         trained_tokens += stats.tokens
-        window_tokens += tokens_per_step
-        window_loss += stats.loss
-        for key, value in stats.metrics.items():
-            window_metrics[key] = window_metrics.get(key, 0.0) + value
-        window_n += 1
+        window.add(stats, tokens_per_step)
         train_seconds += time.perf_counter() - t0
 
         done = budget.progress(step, tokens_seen, train_seconds) >= 1.0
         if step % t.log_every == 0 or done or step == 1:
             synchronize(device)
             elapsed = time.perf_counter() - window_t0
-            tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
+            tok_s = window.tokens / elapsed if elapsed > 0 else 0.0
             frac = budget.progress(step, tokens_seen, train_seconds)
             record = {
                 "type": "train", "step": step, "tokens": tokens_seen,
-                "seconds": round(train_seconds, 3), "loss": window_loss / window_n,
+                "seconds": round(train_seconds, 3), "loss": window.loss / window.n,
                 "trained_tokens": trained_tokens,
-                "loss_metrics": {k: v / window_n for k, v in window_metrics.items()},
+                "loss_metrics": {k: v / window.n for k, v in window.metrics.items()},
                 "lr_mult": mult, "tok_s": tok_s,
                 "mfu": flops_tok * tok_s / peak if peak else None,
                 "progress": min(frac, 1.0),
@@ -225,16 +341,28 @@ def train(
             }
             log.write(record)
             observer.on_log(record)
-            window_t0, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
-            window_metrics = {}
+            window_t0, window = time.perf_counter(), LogWindow()
         if t.val_every and step % t.val_every == 0 and not done:
             last_val = validate()
             window_t0 = time.perf_counter()
-        if t.ckpt_every and step % t.ckpt_every == 0 and not done:
+        due = (t.ckpt_every and step % t.ckpt_every == 0) or (
+            t.ckpt_seconds and time.perf_counter() - last_ckpt >= t.ckpt_seconds)
+        if stop.received is not None or (due and not done):
+            c0 = time.perf_counter()
             checkpoint()
+            window_t0 += time.perf_counter() - c0  # tok/s counts training, not saving
+        if stop.received is not None:
+            name = signal.Signals(stop.received).name
+            raise TrainingInterrupted(
+                f"stopped by {name} after step {step}; checkpoint saved in {run_dir}; continue "
+                f"with `lmkit train --resume {run_dir}`", stop.received)
 
-    last_val = validate()
-    checkpoint()
+    previous = log.records() if resume and step == start_step else []
+    if previous and previous[-1].get("type") == "val" and previous[-1].get("step") == step:
+        last_val = previous[-1]["metrics"]  # finished before: its final validation stands
+    else:
+        last_val = validate()
+        checkpoint()
     summary = {
         "run_dir": str(run_dir), "objective": cfg.objective, "steps": step,
         "tokens": tokens_seen, "trained_tokens": trained_tokens, "seconds": train_seconds,
