@@ -94,3 +94,42 @@ def test_the_cache_honours_xdg_cache_home(monkeypatch, tmp_path):
     assert default_data_dir("sotu", 1024) == tmp_path / "xdg" / "lmkit" / "data" / "sotu-sp1024"
     monkeypatch.setenv("LMKIT_HOME", str(tmp_path / "home"))
     assert default_data_dir("sotu", 1024) == tmp_path / "home" / "data" / "sotu-sp1024"
+
+
+def test_trusted_mfu_is_absent_rather_than_above_100_percent():
+    from lmkit.core.train import trusted_mfu
+
+    assert trusted_mfu(2e9, 8e9) == 0.25
+    assert trusted_mfu(3.2e10, 1e10) is None and trusted_mfu(1e9, None) is None
+
+
+def test_training_records_and_the_bar_stay_honest_to_the_end(tiny_data, tmp_path):
+    """Every logged record of a real run, first to last: ETA ≥ 0, MFU ≤ 100 % or absent, and
+    the bar is told the progress at every step."""
+    from lmkit.core.config import resolve_config
+    from lmkit.core.data import open_data
+    from lmkit.core.train import NullObserver, train
+
+    class Recorder(NullObserver):
+        def __init__(self):
+            self.records, self.steps = [], []
+
+        def on_log(self, record):
+            self.records.append(record)
+
+        def on_step(self, step, progress):
+            self.steps.append((step, progress))
+
+    cfg = resolve_config(preset="tiny", flags={"train.steps": 5, "data.path": str(tiny_data)},
+                         sets=["train.seq_len=32", "train.batch_tokens=256",
+                               "train.val_tokens=512", "train.dtype=fp32", "train.log_every=2"])
+    seen = Recorder()
+    train(cfg, open_data(tiny_data), tmp_path / "run", observer=seen)
+    assert [s for s, _ in seen.steps] == [1, 2, 3, 4, 5] and seen.steps[-1][1] == 1.0
+    assert [r["step"] for r in seen.records] == [1, 2, 4, 5]
+    for r in seen.records:
+        assert r["eta_s"] is None or r["eta_s"] >= 0
+        assert r["mfu"] is None or 0 <= r["mfu"] <= 1
+        assert 0 <= r["progress"] <= 1
+        line = train_line(r)
+        assert "eta -" in line or re.search(r"eta \d+:\d\d", line)

@@ -11,7 +11,14 @@ from typing import Any
 import click
 
 from lmkit import __version__
-from lmkit.cli.display import TrainDisplay, console, emit_json, metrics_table, output
+from lmkit.cli.display import (
+    TrainDisplay,
+    console,
+    emit_json,
+    fmt_mfu,
+    metrics_table,
+    output,
+)
 from lmkit.cli.options import (
     MAX_LENGTH,
     MAX_SAMPLER_STEPS,
@@ -397,11 +404,13 @@ def bench_train(preset: str, objective: str, steps: int, warmup: int, device: st
         return
     from rich.table import Table
 
-    table = Table(title=f"lmkit bench train · {objective} · preset {preset} · {result['device']}")
+    table = Table(title=f"lmkit bench train · {objective} · preset {preset} · {result['device']}",
+                  caption="MFU '-': no trustworthy peak (the ratio to the matmul peak measured "
+                          "now exceeds 100 %)", caption_justify="left")
     for col in ("precision", "tok/s", "MFU", "peak matmul", "step time"):
         table.add_column(col, justify="right")
     for row in result["rows"]:
-        table.add_row(row["precision"], f"{row['tok_s']:,.0f}", f"{100 * row['mfu']:.1f}%",
+        table.add_row(row["precision"], f"{row['tok_s']:,.0f}", fmt_mfu(row["mfu"]),
                       f"{row['peak_flops'] / 1e9:,.1f} GFLOP/s", f"{row['step_seconds']:.3f}s")
     output.print(table)
     output.print(f"bf16 / fp32 tokens/s: {result['bf16_over_fp32']:.2f}×")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -88,6 +89,7 @@ class TrainDisplay:
         self.plain = (not sys.stderr.isatty()) if plain is None else plain
         self.progress: Progress | None = None
         self.task = None
+        self._last_refresh = 0.0
 
     def on_start(self, info: dict[str, Any]) -> None:
         if self.quiet:
@@ -107,6 +109,15 @@ class TrainDisplay:
             )
             self.task = self.progress.add_task("train", total=1.0, line="")
             self.progress.start()
+
+    def on_step(self, step: int, progress: float) -> None:
+        """The bar moves by time (at most 4 refreshes a second), not only at log steps."""
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if now - self._last_refresh >= 0.25:
+            self._last_refresh = now
+            self.progress.update(self.task, completed=progress)
 
     def on_log(self, record: dict[str, Any]) -> None:
         if self.quiet:

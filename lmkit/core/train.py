@@ -46,6 +46,7 @@ class TrainObserver(Protocol):
 
     def on_start(self, info: dict[str, Any]) -> None: ...
     def on_log(self, record: dict[str, Any]) -> None: ...
+    def on_step(self, step: int, progress: float) -> None: ...
     def on_val(self, record: dict[str, Any]) -> None: ...
     def on_end(self, summary: dict[str, Any]) -> None: ...
 
@@ -53,6 +54,7 @@ class TrainObserver(Protocol):
 class NullObserver:
     def on_start(self, info: dict[str, Any]) -> None: ...
     def on_log(self, record: dict[str, Any]) -> None: ...
+    def on_step(self, step: int, progress: float) -> None: ...
     def on_val(self, record: dict[str, Any]) -> None: ...
     def on_end(self, summary: dict[str, Any]) -> None: ...
 
@@ -69,6 +71,16 @@ class Budget:
                  tokens / self.tokens if self.tokens else 0.0,
                  seconds / self.seconds if self.seconds else 0.0]
         return max(parts)
+
+
+def trusted_mfu(flops_per_s: float, peak: float | None) -> float | None:
+    """Model FLOP/s over the matmul peak measured at start-up, or None where that peak cannot
+    be trusted: none measured, or a ratio above 1 (the peak was measured under other
+    conditions, e.g. while a shared CPU was busy)."""
+    if not peak:
+        return None
+    mfu = flops_per_s / peak
+    return mfu if 0 <= mfu <= 1 else None
 
 
 def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_frac: float) -> float:
@@ -324,6 +336,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         train_seconds += time.perf_counter() - t0
 
         done = budget.progress(step, tokens_seen, train_seconds) >= 1.0
+        observer.on_step(step, min(budget.progress(step, tokens_seen, train_seconds), 1.0))
         if step % t.log_every == 0 or done or step == 1:
             synchronize(device)
             elapsed = time.perf_counter() - window_t0
@@ -335,9 +348,9 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
                 "trained_tokens": trained_tokens,
                 "loss_metrics": {k: v / window.n for k, v in window.metrics.items()},
                 "lr_mult": mult, "tok_s": tok_s,
-                "mfu": flops_tok * tok_s / peak if peak else None,
+                "mfu": trusted_mfu(flops_tok * tok_s, peak),
                 "progress": min(frac, 1.0),
-                "eta_s": train_seconds * (1 - frac) / frac if frac > 0 else None,
+                "eta_s": max(0.0, train_seconds * (1 - frac) / frac) if frac > 0 else None,
             }
             log.write(record)
             observer.on_log(record)
