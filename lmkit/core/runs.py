@@ -131,26 +131,31 @@ class MetricsLog:
             raise atomic.disk_full_error(self.path, len(line)) from None
 
     def records(self) -> list[dict[str, Any]]:
-        """Every record; a torn last line is dropped with a warning, other damage is an error."""
+        """Every record; a torn last line is dropped with a warning, other damage (a line that
+        is not UTF-8, not JSON or not an object, followed by more records) is an error."""
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = self.path.read_bytes().split(b"\n")
+        while lines and not lines[-1].strip():
+            lines.pop()
         out: list[dict[str, Any]] = []
-        for i, line in enumerate(lines):
-            if not line.strip():
+        for i, raw in enumerate(lines):
+            if not raw.strip():
                 continue
+            where = f"{self.path} line {i + 1}"
             try:
-                record = jsonfile.loads(line, f"{self.path} line {i + 1}")
+                record = jsonfile.loads(raw, where)
+                if not isinstance(record, dict):
+                    raise LmkitError(f"{where} is not a JSON object")
             except LmkitError:
-                if i == len(lines) - 1 or not any(rest.strip() for rest in lines[i + 1:]):
+                if i == len(lines) - 1:
                     warnings.warn(f"lmkit: {self.path}: dropped a torn last line (line {i + 1}, "
-                                  f"{len(line)} characters), left by a crash or a full disk",
+                                  f"{len(raw)} bytes), left by a crash or a full disk",
                                   atomic.RecoveryWarning, stacklevel=2)
                     break
-                raise LmkitError(f"{self.path} line {i + 1} is corrupt; delete that line to use "
-                                 f"the rest of the log") from None
-            if isinstance(record, dict):
-                out.append(record)
+                raise LmkitError(f"{where} is corrupt (not a UTF-8 JSON object); delete that line "
+                                 "to use the rest of the log") from None
+            out.append(record)
         return out
 
     def truncate_after(self, step: int) -> None:

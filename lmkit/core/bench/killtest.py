@@ -242,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = kill_test(kills=args.kills, steps=args.steps, preset=args.preset, work=args.work,
                        data=args.data, seed=args.seed, sets=args.sets, threads=args.threads)
     if args.json:
-        print(json.dumps(report, indent=1))
+        from lmkit.core import jsonfile
+
+        print(jsonfile.dumps(report, indent=1))
     return 0 if report["equal_weights"] and report["equal_metrics"] else 1
 
 
