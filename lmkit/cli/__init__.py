@@ -42,10 +42,11 @@ def cli() -> None:
     its kind (exact, upper bound or score) and its uncertainty.
 
     \b
-    Quick start:
-      lmkit data prepare                      # the embedded default corpus (State of the Union)
-      lmkit train --objective ar --preset small
-      lmkit eval runs/ar-small-<stamp> --json
+    Quick start (the README's main job: AR and both masked-diffusion objectives on the same
+    data, trunk, budget and seed, in one table; minutes on a 2-core CPU):
+      lmkit compare --objectives ar,mdlm,maskrecon --preset small --tokens 1.5M --max-tokens 32768
+    A smoke run in seconds:
+      lmkit compare --objectives ar,mdlm,maskrecon --preset tiny --steps 30 --max-tokens 4096
     """
 
 
@@ -100,15 +101,19 @@ def train_options(fn):
         click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path),
                      help="Tokenizer of --data when the directory has none."),
         click.option("--preset",
-                     help="tiny | small | pg-baseline | pg-mdlm (see `lmkit presets`)."),
-        click.option("--steps", type=Count(min=1), help="Budget: optimizer steps."),
+                     help="tiny | small | pg-baseline | pg-mdlm (see `lmkit presets`) "
+                          "[default: small]."),
+        click.option("--steps", type=Count(min=1),
+                     help="Budget: optimizer steps [default: the preset's; small: 400]. With "
+                          "several budgets training stops at the first reached."),
         click.option("--tokens", type=Count(min=1),
                      help="Budget: training tokens (1500000, 1.5M, 1_500_000 and 1.5e6 alike)."),
         click.option("--time", "seconds", type=Finite(0.0, 366 * 24 * 3600.0),
-                     help="Budget: seconds of training."),
+                     help="Budget: seconds of training (validation excluded) [default: none]."),
         click.option("--seed", type=bounded(0, MAX_SEED),
-                     help="Seed for init, data order and masks."),
-        click.option("--device", help="auto | cpu | cuda | cuda:N."),
+                     help="Seed for init, data order and masks [default: 1337]."),
+        click.option("--device", help="auto | cpu | cuda | cuda:N [default: auto: cuda when "
+                                      "available]."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
                      help="TOML config (sections [model] [optim] [train] [data] [options])."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -222,7 +227,8 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_s
 @train_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Comparison directory [default: comparisons/<timestamp>].")
-@click.option("--max-tokens", type=Count(min=1), help="Score a prefix of the validation stream.")
+@click.option("--max-tokens", type=Count(min=1),
+              help="Score a prefix of the validation stream [default: all of it].")
 @click.option("--force", is_flag=True, help="Compare runs whose data or tokenizer differ.")
 @click.option("--pack", "with_pack", is_flag=True,
               help="Also pack each run (int6 GPTQ/LZMA) and report artifact bytes and round trip.")
@@ -245,7 +251,7 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
 
     \b
     Examples:
-      lmkit compare --objectives ar,mdlm,maskrecon --preset tiny --steps 30 --md
+      lmkit compare --objectives ar,mdlm,maskrecon --preset tiny --steps 30 --max-tokens 4096 --md
       lmkit compare runs/ar-small runs/mdlm-small --json
     """
     from lmkit.cli.display import CompareDisplay, compare_tables
@@ -457,7 +463,8 @@ def bench_eval(run_dir: Path, max_tokens: int | None, opts: tuple[str, ...], dev
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--seeds", type=click.IntRange(min=2), default=40, show_default=True,
               help="Evaluation seeds per metric.")
-@click.option("--max-tokens", type=Count(min=1), help="Score a prefix of the validation stream.")
+@click.option("--max-tokens", type=Count(min=1),
+              help="Score a prefix of the validation stream [default: all of it].")
 @click.option("--reference-samples", type=click.IntRange(min=2), default=256, show_default=True,
               help="Draws per sequence of the high-precision reference.")
 @click.option("--paired", is_flag=True,

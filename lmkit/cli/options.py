@@ -71,7 +71,7 @@ def bounded(lo: int, hi: int) -> click.IntRange:
 SCORING_OPTIONS = (
     click.option("--max-tokens", type=Count(min=1),
                  help="Score only this many targets: a deterministic prefix of the validation "
-                      "stream."),
+                      "stream [default: all of it]."),
     click.option("--stride", type=bounded(1, MAX_STRIDE),
                  help="AR: also score sliding windows with this stride (e.g. 64)."),
     click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
