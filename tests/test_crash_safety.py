@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -477,3 +478,75 @@ def test_9_sigkill_at_random_moments_ends_bitwise_equal(tiny_data, tmp_path):
                        sets=["train.ckpt_seconds=0.5"], log=print)
     assert report["equal_weights"] and report["equal_metrics"], report
     assert len(report["kills"]) == 3
+
+
+def _full_disk_for(monkeypatch, *names):
+    """Writes through the one atomic writer to a file named like ``names`` hit ENOSPC midway."""
+    real_open = open
+
+    class Half:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            self.fh.flush()
+
+        def fileno(self):
+            return self.fh.fileno()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        fh = real_open(path, mode, *args, **kwargs)
+        hit = "x" in mode and any(n in Path(path).name for n in names)
+        return Half(fh) if hit else fh
+
+    monkeypatch.setattr(atomic, "open", fake_open, raising=False)
+
+
+def _leftovers(root):
+    return [p for p in Path(root).rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_6_disk_full_writing_eval_and_pack_results_keeps_the_previous_files(
+        tiny_data, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    train(cfg_of(tiny_data, steps=2), open_data(tiny_data), run)
+    code, out, err = run_cli(["eval", str(run), "--max-tokens", "256", "--json"], capsys)
+    assert code == 0, err
+    previous = (run / "eval.json").read_bytes()
+
+    _full_disk_for(monkeypatch, "eval.json", "step")
+    code, _, err = run_cli(["eval", str(run), "--max-tokens", "512", "--json"], capsys)
+    one_line_error(code, err, "no space left", "free")
+    assert (run / "eval.json").read_bytes() == previous and not _leftovers(run)
+    json.loads(previous)
+
+    _full_disk_for(monkeypatch, "artifact.")
+    code, _, err = run_cli(["pack", str(run), "--bits", "8", "--max-tokens", "256"], capsys)
+    one_line_error(code, err, "no space left", "artifact")
+    assert not list(run.glob("artifact.*")) and not _leftovers(run)
+    monkeypatch.undo()
+    code, _, err = run_cli(["pack", str(run), "--bits", "8", "--max-tokens", "256"], capsys)
+    assert code == 0, err  # nothing left behind stands in the way
+
+
+def test_6_disk_full_preparing_data_leaves_no_partial_directory(sotu_docs, tmp_path, capsys,
+                                                                  monkeypatch):
+    from lmkit.core.data import ListCorpus, prepare_data
+
+    _full_disk_for(monkeypatch, "_train_", "_val_", "manifest")
+    out = tmp_path / "data"
+    with pytest.raises(atomic.DiskFullError, match="no space left"):
+        prepare_data(ListCorpus("tiny", sotu_docs[:4], "four speeches"), out, vocab_size=1024,
+                     val_fraction=0.25)
+    assert not out.exists() or not any(out.iterdir())
+    assert not _leftovers(tmp_path)
