@@ -84,6 +84,9 @@ def test_compare_pairs_masked_runs_and_keeps_evaluations_per_protocol(tiny_data,
     assert code == 0, err
     full = json.loads(out)
     assert json.loads((mdlm / "eval.json").read_text()) == full
+    assert {full["files"]["latest"], full["files"]["record"]} == {
+        str((mdlm / "eval.json").resolve()),
+        *(str(p.resolve()) for p in (mdlm / "evals").glob("*.json") if p != kept[0])}
     assert len(list((mdlm / "evals").glob("*.json"))) == 2 and kept[0].read_bytes() == before
     assert full["metrics"][0]["tokens"] > value["mdlm"]["tokens"]  # each names its tokens
 

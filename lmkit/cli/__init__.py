@@ -217,6 +217,8 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_s
         emit_json(result)
     else:
         output.print(metrics_table(result, details=details))
+        for label, path in (result.get("files") or {}).items():
+            output.print(f"{label + ':':<8}{path}", soft_wrap=True)
 
 
 # -- compare -----------------------------------------------------------------------------------

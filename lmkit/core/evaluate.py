@@ -213,5 +213,8 @@ def evaluate_target(path: str | Path, *, device: str = "auto", judge: str | Path
                                         **generation)
         result["protocol"]["generation"] = {"judge": str(Path(judge).resolve()), **generation}
     if manifest is None:
+        result["files"] = {"latest": str((run.path / runs.EVAL_FILE).resolve()),
+                           "record": str(evalstore.record_path(run.path.resolve(),
+                                                               result["protocol"]))}
         evalstore.save(run.path, result, units, latest=True)
     return result
