@@ -3,13 +3,18 @@ information across documents or from the future inside the trunk."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import Tensor
 
 from lmkit.cli import main
+from lmkit.core.config import PRESETS
 from lmkit.core.data import (
     DOC_HASHES_NAME,
     ListCorpus,
@@ -23,6 +28,8 @@ from lmkit.core.data import (
     write_shard,
 )
 from lmkit.core.data.leaks import RECORD_BYTES, shard_documents
+from lmkit.core.masking import document_segments
+from lmkit.core.trunk import ModelConfig, Transformer
 from lmkit.errors import LmkitError
 
 DOCS = [f"Document {i} talks about subject {i * 7 % 13} for a sentence or two. Then it ends."
@@ -243,3 +250,139 @@ def test_check_errors_are_one_line(tmp_path: Path, tiny_data: Path, capsys) -> N
     code, _, err = run_cli(["data", "check", str(tiny_data), "--docs", str(tmp_path / "x")],
                            capsys)
     assert code == 1 and "--docs is for parameter-golf directories" in err
+
+
+# --- the trunk: no information from the future or from another document ----------------------
+
+BOS, VOCAB = 1, 61
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second intra-op thread only spins (80x slower on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_preset(name: str, **flags) -> ModelConfig:
+    """A preset's structural switches (GQA or MHA, skips, x0 mix, scales, tied head, softcap,
+    q gain, MLP width) at d=32 and 5 layers (so U-Net skips connect 2 encoder blocks)."""
+    cfg = dataclasses.replace(ModelConfig(), **PRESETS[name]["model"])
+    kv = 4 if cfg.n_kv_head == cfg.n_head else 2
+    return dataclasses.replace(cfg, n_layer=5, d_model=32, n_head=4, n_kv_head=kv, cond_dim=16,
+                               **flags)
+
+
+def perturbed(cfg: ModelConfig) -> Transformer:
+    """A model whose zero-initialised projections (which would hide any mixing) carry signal."""
+    torch.manual_seed(0)
+    model = Transformer(cfg, VOCAB).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def influence(model: Transformer, idx: Tensor, out: str, cond: Tensor | None = None,
+              segments: Tensor | None = None) -> Tensor:
+    """[T, T]: entry (i, j) is the size of d(output at i)/d(input embedding at j), exactly 0 where
+    position i cannot see position j. Every path from a token into the network starts at its
+    embedding row, so this covers attention, skips, the x0 mix and anything added later."""
+    store = {}
+
+    def hook(module, args, emb):
+        store["emb"] = emb.detach().requires_grad_(True)
+        return store["emb"]
+
+    handle = model.embed.register_forward_hook(hook)
+    try:
+        h = model.forward_hidden(idx, cond, segments=segments)
+        y = model.logits(h) if out == "logits" else h
+    finally:
+        handle.remove()
+    proj = torch.randn(y.size(-1), generator=torch.Generator().manual_seed(2))
+    rows = []
+    for i in range(idx.size(1)):
+        (g,) = torch.autograd.grad(y[0, i] @ proj, store["emb"], retain_graph=True)
+        rows.append(g[0].abs().sum(-1))
+    return torch.stack(rows)
+
+
+def cond_for(cfg: ModelConfig) -> Tensor | None:
+    return torch.tensor([0.37]) if cfg.time_cond else None
+
+
+PRESET_NAMES = sorted(PRESETS)
+
+
+@pytest.mark.parametrize("time_cond", [False, True])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_causal_logits_ignore_later_tokens(preset: str, time_cond: bool) -> None:
+    cfg = tiny_preset(preset, causal=True, time_cond=time_cond)
+    model = perturbed(cfg)
+    idx = torch.randint(2, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    idx[0, [0, 5]] = BOS
+    inf = influence(model, idx, "logits", cond_for(cfg))
+    future = torch.triu(torch.ones_like(inf, dtype=torch.bool), diagonal=1)
+    assert (inf[future] == 0).all(), f"{preset}: a logit depends on a later token"
+    assert (inf[~future] > 0).all()  # and on every earlier one: the check is not vacuous
+    base = model(idx, cond_for(cfg))
+    for i in (0, 4, 10):  # change everything after i: logits up to i stay put
+        changed = idx.clone()
+        changed[0, i + 1:] = (changed[0, i + 1:] + 11) % VOCAB
+        again = model(changed, cond_for(cfg))
+        torch.testing.assert_close(again[:, : i + 1], base[:, : i + 1], atol=1e-5, rtol=0)
+        assert not torch.allclose(again[:, i + 1:], base[:, i + 1:])
+
+
+DOC_STARTS = (0, 4, 9)  # three packed documents: A = 0..3, B = 4..8, C = 9..13
+
+
+def packed_row() -> tuple[Tensor, Tensor]:
+    idx = torch.randint(2, VOCAB, (1, 14), generator=torch.Generator().manual_seed(4))
+    idx[0, list(DOC_STARTS)] = BOS
+    # the segments mdlm's document mode passes: a BOS starts a new segment
+    spec = types.SimpleNamespace(documents=True, bos_id=BOS)
+    return idx, document_segments(idx, spec)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_segments_keep_documents_apart(preset: str, causal: bool) -> None:
+    cfg = tiny_preset(preset, causal=causal, time_cond=not causal)
+    model = perturbed(cfg)
+    idx, seg = packed_row()
+    inf = influence(model, idx, "hidden", cond_for(cfg), seg)
+    same = seg[0, :, None] == seg[0, None, :]
+    visible = same.tril() if causal else same
+    assert (inf[~same] == 0).all(), f"{preset}: a position sees another document"
+    assert (inf[visible] > 0).all()
+    # change document B: A and C are bit-for-bit what they were, B is not
+    h = model.forward_hidden(idx, cond_for(cfg), segments=seg)
+    changed = idx.clone()
+    changed[0, 5:9] = (changed[0, 5:9] + 11) % VOCAB
+    h2 = model.forward_hidden(changed, cond_for(cfg), segments=seg)
+    others = (seg[0] != 2)
+    torch.testing.assert_close(h2[0, others], h[0, others], atol=1e-6, rtol=0)
+    assert not torch.allclose(h2[0, ~others], h[0, ~others])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_a_documents_bos_gets_nothing_from_the_previous_document(preset: str,
+                                                                 causal: bool) -> None:
+    cfg = tiny_preset(preset, causal=causal, time_cond=not causal)
+    model = perturbed(cfg)
+    idx, seg = packed_row()
+    inf = influence(model, idx, "hidden", cond_for(cfg), seg)
+    for start in DOC_STARTS[1:]:
+        assert (inf[start, :start] == 0).all(), f"{preset}: BOS at {start} sees earlier tokens"
+    # stronger: each packed document computes what it computes alone (RoPE is relative, and
+    # no layer mixes positions outside attention), BOS included
+    h = model.forward_hidden(idx, cond_for(cfg), segments=seg)
+    for a, b in zip(DOC_STARTS, (*DOC_STARTS[1:], idx.size(1)), strict=True):
+        alone = model.forward_hidden(idx[:, a:b], cond_for(cfg))
+        torch.testing.assert_close(h[:, a:b], alone, atol=1e-4, rtol=0)
