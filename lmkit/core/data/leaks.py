@@ -143,9 +143,9 @@ def read_doc_hashes(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def hashes_overlap(digests: np.ndarray, is_val: np.ndarray) -> Overlap:
     """Overlap of the validation and training documents of a hash file."""
-    rows = [d.tobytes() for d in digests]  # indices reported are corpus document indices
-    return overlap_of(((int(i), rows[i], 0) for i in np.flatnonzero(is_val)),
-                      ((int(j), rows[j]) for j in np.flatnonzero(~is_val)))
+    # lazily: only the validation digests end up in a dict; indices are corpus indices
+    return overlap_of(((int(i), digests[i].tobytes(), 0) for i in np.flatnonzero(is_val)),
+                      ((int(j), digests[j].tobytes()) for j in np.flatnonzero(~is_val)))
 
 
 # -- token shards ---------------------------------------------------------------------------------
