@@ -71,24 +71,69 @@ def data() -> None:
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the train/val split.")
 @click.option("--shard-tokens", default=100_000_000, show_default=True,
               help="Maximum tokens per shard file.")
+@click.option("--allow-overlap", is_flag=True,
+              help="Go on when a validation document's text also occurs in training (duplicates "
+                   "in the corpus), recording the count in manifest.json [default: refuse].")
 @click.option("--force", is_flag=True, help="Replace an existing prepared directory.")
 def data_prepare(corpus: str, tokenizer: Path | None, vocab_size: int, out: Path | None,
-                 val_fraction: float, split_seed: int, shard_tokens: int, force: bool) -> None:
+                 val_fraction: float, split_seed: int, shard_tokens: int, allow_overlap: bool,
+                 force: bool) -> None:
     """Corpus → SentencePiece BPE (parameter-golf settings) → BOS-prefixed uint16 shards.
 
-    Writes `<name>_train_*.bin`, `<name>_val_*.bin`, `tokenizer.model` and `manifest.json`.
+    Writes `<name>_train_*.bin`, `<name>_val_*.bin`, `tokenizer.model`, `manifest.json` and
+    `doc_hashes.bin` (a 16-byte BLAKE2b hash and the split of every document's text after NFKC
+    and whitespace collapsing). A validation document whose hash also occurs in training is
+    refused (see --allow-overlap); duplicates are not removed.
     """
     from lmkit.core.data import prepare
 
     manifest = prepare(corpus, out=out, tokenizer=tokenizer, vocab_size=vocab_size,
                        val_fraction=val_fraction, split_seed=split_seed,
-                       shard_tokens=shard_tokens, force=force, log=lambda s: console.print(s))
+                       shard_tokens=shard_tokens, allow_overlap=allow_overlap, force=force,
+                       log=lambda s: console.print(s))
     console.print(
         f"[green]prepared[/] {manifest['corpus']['name']}: "
         f"{manifest['split']['train_documents']:,} train / {manifest['split']['val_documents']:,} "
         f"val documents, {manifest['tokens']['train']:,} / {manifest['tokens']['val']:,} tokens "
         f"→ {manifest['dir']}"
     )
+
+
+@data.command("check")
+@click.argument("data_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--token-ids", "by_tokens", is_flag=True,
+              help="Also hash every document's token ids in an lmkit directory (always done for "
+                   "directories without lmkit's doc_hashes.bin).")
+@click.option("--docs", type=click.Path(dir_okay=False, path_type=Path),
+              help="parameter-golf's docs_selected.jsonl: also compare document texts (its first "
+                   "--val-docs documents are validation).")
+@click.option("--text-field", default="text", show_default=True,
+              help="For --docs: the JSON field holding a document's text.")
+@click.option("--val-docs", type=bounded(1, 2**62),
+              help="For --docs: validation documents at the start of the file [default: the "
+                   "number of documents (BOS ids) in the val shards].")
+@click.option("--bos", type=bounded(0, 65535),
+              help="BOS id separating documents [default: the manifest's, else 1].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def data_check(data_dir: Path, by_tokens: bool, docs: Path | None, text_field: str,
+               val_docs: int | None, bos: int | None, as_json: bool) -> None:
+    """Check that no validation document also occurs in training; exit status 1 if one does.
+
+    An lmkit directory is checked from its doc_hashes.bin (and the counts in manifest.json);
+    parameter-golf shards (fineweb_train_*.bin, fineweb_val_*.bin) are split at BOS and each
+    document's token ids hashed (16-byte BLAKE2b). Shards are streamed; memory holds the
+    validation hashes only.
+    """
+    from lmkit.core.data import check_data, format_report
+
+    report = check_data(data_dir, tokens=by_tokens, docs=docs, text_field=text_field,
+                        val_docs=val_docs, bos=bos)
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(format_report(report))
+    if not report["ok"]:
+        sys.exit(1)
 
 
 # -- train -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 - ``loader``: :class:`RotatingLoader`, batches from shard groups held in one buffer.
 - ``corpus``: the :class:`Corpus` protocol, in-memory and file corpora, ``--corpus`` resolution.
 - ``bpe``: training parameter-golf's SentencePiece BPE tokenizer.
+- ``leaks``: document content hashes and the train/val overlap checks of ``lmkit data check``.
 - ``pipeline``: corpus -> tokenizer -> shards, the prepared-once cache and ``lmkit data prepare``.
 
 Everything public is re-exported here, so ``from lmkit.core.data import X`` is the import to use.
@@ -27,6 +28,13 @@ from lmkit.core.data.corpus import (
     corpus_from_path,
     read_text_file,
     resolve_corpus,
+)
+from lmkit.core.data.leaks import (
+    DOC_HASHES_NAME,
+    check_data,
+    format_report,
+    read_doc_hashes,
+    text_digest,
 )
 from lmkit.core.data.loader import RotatingLoader
 from lmkit.core.data.pipeline import (
@@ -62,6 +70,7 @@ from lmkit.core.data.source import (
 __all__ = [
     "DEFAULT_CORPUS",
     "DEFAULT_VOCAB",
+    "DOC_HASHES_NAME",
     "HEADER_BYTES",
     "HEADER_INTS",
     "MANIFEST_FORMAT",
@@ -78,11 +87,13 @@ __all__ = [
     "ListCorpus",
     "PathCorpus",
     "RotatingLoader",
+    "check_data",
     "chunk_line",
     "corpus_from_path",
     "default_data_dir",
     "ensure_prepared",
     "find_shards",
+    "format_report",
     "load_shard",
     "load_stream",
     "load_val_tokens",
@@ -90,9 +101,11 @@ __all__ = [
     "open_for_training",
     "prepare",
     "prepare_data",
+    "read_doc_hashes",
     "read_shard_header",
     "read_text_file",
     "resolve_corpus",
+    "text_digest",
     "train_tokenizer",
     "trainer_sentences",
     "write_shard",

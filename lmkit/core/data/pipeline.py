@@ -22,6 +22,16 @@ from lmkit.core.data.bpe import (
     train_tokenizer,
 )
 from lmkit.core.data.corpus import Corpus, resolve_corpus
+from lmkit.core.data.leaks import (
+    DIGEST_BYTES,
+    DOC_HASHES_NAME,
+    HASH_NAME,
+    NORMALIZATION,
+    SHORT_NORMALIZATION,
+    hashes_overlap,
+    text_digest,
+    write_doc_hashes,
+)
 from lmkit.core.data.shards import SPLITS, write_shard
 from lmkit.core.data.source import (
     MANIFEST_FORMAT,
@@ -100,13 +110,20 @@ def prepare_data(
     val_fraction: float = 0.05,
     split_seed: int = 0,
     shard_tokens: int = 100_000_000,
+    allow_overlap: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Corpus -> (trained or given) tokenizer -> train/val shards + manifest.json; returns it.
 
-    Streams the corpus (one pass to count, one to sample for the tokenizer, one to encode), so
-    memory stays bounded, and builds everything in a temp dir renamed at the end: a crash
-    leaves no half-made data directory.
+    Streams the corpus (one pass to count and hash, one to sample for the tokenizer, one to
+    encode), so memory stays bounded, and builds everything in a temp dir renamed at the end: a
+    crash leaves no half-made data directory.
+
+    Every document's text hash and split go to ``doc_hashes.bin``. A corpus with duplicate
+    documents can put one copy in validation and another in training (parameter-golf's leak);
+    that is refused before anything is written unless ``allow_overlap``, which records the
+    overlap in the manifest instead. Duplicates are not removed: the split stays a pure function
+    of the document count and ``split_seed``.
     """
     out_dir = Path(out_dir).expanduser()
     if not 0 < val_fraction < 1:
@@ -117,7 +134,11 @@ def prepare_data(
         raise LmkitError(f"--out {out_dir} exists and is not empty; remove it or pick another")
 
     log(f"reading corpus {corpus.name}")
-    doc_bytes = array("q", (len(doc.encode("utf-8")) for doc in _nonempty(corpus)))
+    doc_bytes = array("q")
+    digests = bytearray()
+    for doc in _nonempty(corpus):
+        doc_bytes.append(len(doc.encode("utf-8")))
+        digests += text_digest(doc)
     n_docs = len(doc_bytes)
     if n_docs < 2:
         raise LmkitError(f"corpus {corpus.name} has {n_docs} non-empty document(s); need >= 2")
@@ -127,11 +148,23 @@ def prepare_data(
     sizes = np.frombuffer(doc_bytes, dtype=np.int64)
     text_bytes = {"train": int(sizes[~is_val].sum()), "val": int(sizes[is_val].sum())}
     log(f"{n_docs} documents ({n_docs - n_val} train, {n_val} val), {sizes.sum():,} bytes")
+    rows = np.frombuffer(bytes(digests), np.uint8).reshape(-1, DIGEST_BYTES)
+    overlap = hashes_overlap(rows, is_val)
+    if overlap.overlap_docs:
+        what = (f"{overlap.overlap_docs} of {n_val} validation documents of corpus {corpus.name} "
+                f"also occur in training (same text after {SHORT_NORMALIZATION}); first: document "
+                f"{overlap.first_val} (val) = document {overlap.first_train} (train), counting "
+                "non-empty documents from 0")
+        if not allow_overlap:
+            raise LmkitError(f"{what}. Deduplicate the corpus, or pass --allow-overlap to record "
+                             "the overlap in manifest.json and go on")
+        log(f"warning: {what}; recorded in manifest.json (--allow-overlap)")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / atomic.temp_name(out_dir.name)
     tmp.mkdir()
     try:
+        write_doc_hashes(tmp / DOC_HASHES_NAME, digests, is_val)
         tok_path = tmp / TOKENIZER_NAME
         if tokenizer is not None:
             log(f"using tokenizer {tokenizer}")
@@ -196,6 +229,16 @@ def prepare_data(
                 "train_documents": n_docs - n_val,
                 "val_documents": n_val,
             },
+            "doc_hashes": {
+                "file": DOC_HASHES_NAME,
+                "hash": HASH_NAME,
+                "normalization": NORMALIZATION,
+                "train_documents": overlap.train_docs,
+                "val_documents": overlap.val_docs,
+                "overlap_documents": overlap.overlap_docs,
+                "val_duplicates": overlap.val_duplicates,
+                "allow_overlap": allow_overlap,
+            },
             "tokens": {s: w.tokens for s, w in writers.items()},
             "text_bytes": text_bytes,
             "shards": shards,
@@ -254,6 +297,7 @@ def prepare(
     val_fraction: float = 0.05,
     split_seed: int = 0,
     shard_tokens: int = 100_000_000,
+    allow_overlap: bool = False,
     force: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
@@ -272,7 +316,7 @@ def prepare(
         shutil.rmtree(out_dir)
     manifest = prepare_data(corpus, out_dir, tokenizer=tokenizer, vocab_size=vocab_size,
                             val_fraction=val_fraction, split_seed=split_seed,
-                            shard_tokens=shard_tokens, log=log)
+                            shard_tokens=shard_tokens, allow_overlap=allow_overlap, log=log)
     return {**manifest, "dir": str(out_dir)}
 
 
