@@ -243,9 +243,10 @@ def compare_tables(entries: list[Any], baseline: str | None = None) -> list[Any]
         tables.append(seeds)
     tests = core.baseline_tests(entries, baseline)
     if tests:
-        against = Table(title=f"against the baseline {tests[0]['baseline']}: one-sided Welch "
-                              "t-test on per-seed values",
-                        caption=core.TEST_NOTE, caption_justify="left")
+        against = Table(title=f"vs the baseline {tests[0]['baseline']} (one-sided Welch t-test)",
+                        caption="per-seed values of each row's primary metric against the "
+                                "baseline's; " + core.TEST_NOTE + (" " + core.FLAGGED_NOTE if any(
+                            r["flagged"] for r in tests) else ""), caption_justify="left")
         for col in ("objective", "tested", "difference", "t", "df", "p (one-sided)"):
             against.add_column(col, justify="left" if col in ("objective", "tested") else "right")
         for r in tests:

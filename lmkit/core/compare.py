@@ -9,6 +9,7 @@ t-test of each objective's primary metric against a baseline's (:mod:`lmkit.core
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import io
 import math
@@ -209,13 +210,23 @@ def config_difference(a: dict[str, Any], b: dict[str, Any],
     return None
 
 
+def _effective_config(cfg: Any) -> dict[str, Any]:
+    """The config as training uses it: objective options with their defaults filled in (the
+    stored config.toml holds them all; a fresh one only those that were set)."""
+    d = config_mod.to_dict(cfg)
+    options = config_mod.build_options(get_objective(cfg.objective).obj.Options, cfg.options,
+                                        "options")
+    d["options"] = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
+    return d
+
+
 def _run_plan(run_dir: Path, cfg: Any) -> str:
     """What to do with ``run_dir``: ``train`` it fresh, ``resume`` or ``restart`` an unfinished
     run of the same config, or ``reuse`` one that completed its budget."""
     if not runs.has_run_files(run_dir):
         return "train"  # train() itself refuses a non-empty directory that holds no run
     stored = resolve_config(config_file=run_dir / runs.CONFIG_FILE)
-    diff = config_difference(config_mod.to_dict(stored), config_mod.to_dict(cfg))
+    diff = config_difference(_effective_config(stored), _effective_config(cfg))
     if diff:
         raise LmkitError(f"{run_dir} holds a run of another config ({diff}); it cannot be part "
                          f"of this comparison: choose another --out")
@@ -434,6 +445,7 @@ def baseline_tests(entries: list[Entry], baseline: str | None) -> list[dict[str,
             row.update(t=w.t, df=w.df, p=w.p)
             problem = w.reason
         row["reason"] = problem
+        row["flagged"] = any(e.warnings for e in g.entries + base.entries)
         row["test"] = test_statement(row, m, b)
         rows.append(row)
     return rows
@@ -496,6 +508,7 @@ def paired_rows(entries: list[Entry]) -> list[dict[str, Any]]:
     """Every pair of runs of one seed whose Monte-Carlo bounds used the same draws: their
     difference with its own (paired) stderr, beside the stderr it would have if the errors were
     independent. Runs of different seeds are never paired: their draws differ."""
+    label_entries(entries)
     rows = []
     for i, a in enumerate(entries):
         for b in entries[i + 1:]:
@@ -554,6 +567,9 @@ TEST_NOTE = ("difference = mean(row) − mean(baseline); p is one-sided (H1: the
              "i.e. better). An upper bound significantly below an exact code length means the "
              "row's true code length is lower too; an upper bound above it decides nothing.")
 
+FLAGGED_NOTE = ("Some tested runs break a sanity rule (see Warnings): a small p says the "
+                "difference is unlikely to be seed noise, not that the figures are right.")
+
 
 def seed_lines(entries: list[Entry], baseline: str | None) -> list[str]:
     """Markdown for the across-seed summary and the tests against the baseline."""
@@ -576,6 +592,8 @@ def seed_lines(entries: list[Entry], baseline: str | None) -> list[str]:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['objective']} | " + " | ".join(fmt_test(r)) + " |" for r in tests]
         lines += ["", f"* {TEST_NOTE}"] + [f"* {r['test']}." for r in tests]
+        if any(r["flagged"] for r in tests):
+            lines.append(f"* {FLAGGED_NOTE}")
     return lines
 
 
