@@ -267,6 +267,20 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_s
 
 
 # -- compare -----------------------------------------------------------------------------------
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 1,2,3`` as distinct integers in the range --seed takes."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        seeds = [int(x) for x in items]
+    except ValueError:
+        raise LmkitError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 1,2,3"
+                         ) from None
+    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
+        raise LmkitError(f"--seeds {text!r}: give distinct integers in 0..{MAX_SEED}, e.g. "
+                         "--seeds 1,2,3")
+    return seeds
+
+
 @cli.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--objectives", help="Train these objectives (comma-separated) under one budget, "
@@ -276,6 +290,14 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_s
               help="Comparison directory [default: comparisons/<timestamp>].")
 @click.option("--max-tokens", type=Count(min=1),
               help="Score a prefix of the validation stream [default: all of it].")
+@click.option("--seeds", "seed_list", metavar="S1,S2,...",
+              help="Train each objective once per seed (runs OUT/runs/<objective>-s<seed>) and "
+                   "report mean ± std across seeds; conflicts with --seed. Runs already complete "
+                   "in --out are reused, unfinished ones resumed.")
+@click.option("--baseline", metavar="OBJECTIVE",
+              help="Test every other objective's primary metric against this one's (one-sided "
+                   "Welch t-test on per-seed values) [default: ar when present and some "
+                   "objective has several seeds; `none`: no test].")
 @click.option("--force", is_flag=True, help="Compare runs whose data or tokenizer differ.")
 @click.option("--pack", "with_pack", is_flag=True,
               help="Also pack each run (int6 GPTQ/LZMA) and report artifact bytes and round trip.")
@@ -287,18 +309,23 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_s
 @click.option("--csv", "fmt", flag_value="csv", help="Print the comparison as CSV.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, seconds, seed,
-            device, config_file, sets, out, max_tokens, force, with_pack, gen, fmt,
-            quiet) -> None:
+            device, config_file, sets, out, max_tokens, seed_list, baseline, force, with_pack,
+            gen, fmt, quiet) -> None:
     """One honest table across objectives: trained fresh (--objectives) or existing RUN_DIRs.
 
     Every cell states its kind — `=` exact, `≤` upper bound (± standard error), `score` — and
     all metrics are bits per byte from the tokenizer's exact LUT. Writes report.md,
     compare.json, compare.csv and val_bpb.png (validation bpb vs tokens) to the comparison
-    directory.
+    directory, and which budget made the runs equal (steps, tokens or wall clock).
+
+    With several seeds (--seeds, or RUN_DIRs holding several runs of one objective that differ
+    only in seed) it adds each metric's mean ± sample std across seeds beside the rms of the
+    runs' own stderrs, and tests each objective's primary metric against --baseline's.
 
     \b
     Examples:
       lmkit compare --objectives ar,mdlm,maskrecon --preset tiny --steps 30 --max-tokens 4096 --md
+      lmkit compare --objectives ar,mdlm --seeds 1,2,3 --preset tiny --steps 30 --max-tokens 4096
       lmkit compare runs/ar-small runs/mdlm-small --json
     """
     from lmkit.cli.display import CompareDisplay, compare_tables
@@ -309,7 +336,8 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
         objectives=[o.strip() for o in (objectives or "").split(",") if o.strip()],
         out=out, preset=preset,
         flags=budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer),
-        sets=tuple(sets), max_tokens=max_tokens, force=force, pack=with_pack, gen=gen)
+        sets=tuple(sets), max_tokens=max_tokens, force=force, pack=with_pack, gen=gen,
+        seeds=parse_seeds(seed_list) if seed_list is not None else None, baseline=baseline)
     display = CompareDisplay(quiet=quiet or fmt is not None)
     try:
         out, entries, files = core.run_comparison(
@@ -317,14 +345,15 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
     finally:
         display.close()
     if fmt == "json":
-        emit_json({**core.to_json(entries, {"comparison": str(Path(out).resolve())}),
+        emit_json({**core.to_json(entries, {"comparison": str(Path(out).resolve())},
+                                  baseline=baseline),
                    "files": {k: str(v) if v else None for k, v in files.items()}})
     elif fmt == "md":
-        click.echo(core.to_markdown(entries), nl=False)
+        click.echo(core.to_markdown(entries, baseline=baseline), nl=False)
     elif fmt == "csv":
         click.echo(core.to_csv(entries), nl=False)
     else:
-        for table in compare_tables(entries):
+        for table in compare_tables(entries, baseline=baseline):
             output.print(table)
         png = files["png"] or "(no PNG: install matplotlib, e.g. pip install 'lmkit[plot]')"
         output.print(f"report: {files['report']}\njson:   {files['json']}\n"

@@ -198,33 +198,61 @@ class CompareDisplay(TrainDisplay):
             self.status = None
 
 
-def compare_tables(entries: list[Any]) -> list[Any]:
-    """Runs (one row per objective), then metrics × objectives so it fits a terminal."""
-    from lmkit.core.compare import HEADLINE, cell, headline_cells, metric_names, paired_rows
+def compare_tables(entries: list[Any], baseline: str | None = None) -> list[Any]:
+    """Runs (one row per run), then metrics × runs so it fits a terminal; with several seeds,
+    mean ± std per objective and each objective's test against the baseline."""
+    from lmkit.core import compare as core
 
-    runs_table = Table(title="lmkit compare: runs")
-    for col in HEADLINE:
+    core.label_entries(entries)
+    budget = core.budget_basis(core.comparison_budget(entries))
+    runs_table = Table(title="lmkit compare: runs", caption=f"budget: {budget}",
+                       caption_justify="left")
+    for col in core.HEADLINE:
         runs_table.add_column(col, justify="left" if col == "objective" else "right")
     extra_cols = sorted({k for e in entries for k in e.extra if isinstance(e.extra[k], str)})
     for col in extra_cols:
         runs_table.add_column(col, justify="right")
     for e in entries:
-        runs_table.add_row(*headline_cells(e), *[str(e.extra.get(c, "")) for c in extra_cols])
+        runs_table.add_row(*core.headline_cells(e),
+                           *[str(e.extra.get(c, "")) for c in extra_cols])
     units = {m["name"]: m["unit"] for e in entries for m in e.metrics}
     metrics = Table(title="validation metrics (bpb: same tokens, exact LUT bytes)",
                     caption="\n".join(legend([m for e in entries for m in e.metrics])),
                     caption_justify="left")
     metrics.add_column("metric")
     for e in entries:
-        metrics.add_column(e.objective, justify="right", no_wrap=True)
-    for name in metric_names(entries):
+        metrics.add_column(e.name, justify="right", no_wrap=True)
+    for name in core.metric_names(entries):
         row = []
         for e in entries:
             by = {m["name"]: m for m in e.metrics}
-            row.append(cell(by.get(name)))
+            row.append(core.cell(by.get(name)))
         metrics.add_row(f"{name} ({units[name]})", *row)
     tables: list[Any] = [runs_table, metrics]
-    paired = paired_rows(entries)
+    summary = core.seed_summary(entries)
+    if summary:
+        seeds = Table(title="across seeds", caption=core.SEEDS_NOTE, caption_justify="left")
+        for col in ("objective", "metric", "n seeds", "mean ± std", "per-run stderr (rms)"):
+            seeds.add_column(col, justify="left" if col in ("objective", "metric") else "right",
+                             no_wrap=col != "metric")
+        for r in summary:
+            rms = f"±{r['stderr_rms']:.4f}" if r["stderr_rms"] is not None else "-"
+            note = f" ({r['note']})" if r["note"] else ""
+            seeds.add_row(r["objective"], f"{r['metric']} ({r['unit']})", str(r["n"]),
+                          core.fmt_mean_std(r) + note, rms)
+        tables.append(seeds)
+    tests = core.baseline_tests(entries, baseline)
+    if tests:
+        against = Table(title=f"vs the baseline {tests[0]['baseline']} (one-sided Welch t-test)",
+                        caption="per-seed values of each row's primary metric against the "
+                                "baseline's; " + core.TEST_NOTE + (" " + core.FLAGGED_NOTE if any(
+                            r["flagged"] for r in tests) else ""), caption_justify="left")
+        for col in ("objective", "tested", "difference", "t", "df", "p (one-sided)"):
+            against.add_column(col, justify="left" if col in ("objective", "tested") else "right")
+        for r in tests:
+            against.add_row(r["objective"], *core.fmt_test(r))
+        tables.append(against)
+    paired = core.paired_rows(entries)
     if paired:
         diff = Table(title="paired differences (the same masks for both runs)",
                      caption="the paired stderr is the uncertainty of the difference; the "
@@ -235,5 +263,5 @@ def compare_tables(entries: list[Any]) -> list[Any]:
             diff.add_row(r["metric"], f"{r['a']} − {r['b']}", f"{r['difference']:+.4f}",
                          f"{r['stderr']:.4f}", f"{r['independent_stderr']:.4f}")
         tables.append(diff)
-    warnings = [f"[yellow]warning[/] {e.objective}: {w}" for e in entries for w in e.warnings]
+    warnings = [f"[yellow]warning[/] {e.name}: {w}" for e in entries for w in e.warnings]
     return tables + warnings
