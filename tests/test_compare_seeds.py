@@ -106,7 +106,7 @@ def test_no_p_below_two_seeds_or_across_configs():
 
 
 def test_paired_rows_pair_only_runs_of_one_seed(monkeypatch):
-    import lmkit.core.compare as compare_mod
+    import lmkit.core.compare.report as compare_mod
 
     calls = []
 

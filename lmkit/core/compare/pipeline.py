@@ -1,0 +1,113 @@
+"""The whole ``lmkit compare`` pipeline: runs, optional pack and generation columns, report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmkit.core.compare.entry import CompareObserver, Entry
+from lmkit.core.compare.report import cell, sanity_check, write_report
+from lmkit.core.compare.seeds import label_entries, resolve_baseline
+from lmkit.core.compare.training import compare_objectives, compare_runs, default_compare_dir
+from lmkit.errors import LmkitError
+
+
+def add_pack_columns(entries: list[Entry], *, bits: int = 6,
+                     log: Callable[[str], None] | None = None) -> None:
+    """Pack each run under the default decimal cap and add artifact bytes and its round trip."""
+    from lmkit.core.pack import pack_run
+
+    for e in entries:
+        if log:
+            log(f"packing {e.name} (int{bits})…")
+        result = pack_run(e.run_dir, bits=bits, max_tokens=e.eval["data"]["max_tokens"])
+        after = result["metrics"][0] if result["metrics"] else None
+        e.extra["artifact bytes"] = f"{result['artifact_bytes']:,}"
+        if after is not None:
+            e.extra["round trip"] = f"{after['name']} {cell(after)}"
+        e.extra["pack"] = result
+
+
+def add_generation_columns(entries: list[Entry], *, num: int = 8, length: int | None = None,
+                           steps: int | None = None, seed: int = 0,
+                           log: Callable[[str], None] | None = None) -> None:
+    """Generative perplexity of each run's samples under the comparison's AR run (the judge),
+    always with the samples' unigram entropy (gen-ppl alone rewards repetition)."""
+    from lmkit.core.generate import can_judge
+    from lmkit.core.genmetrics import add_generation_metrics
+
+    judges = [e for e in entries if can_judge(e.objective)]
+    if not judges:
+        raise LmkitError("--gen needs a judge in the comparison: an AR run (an objective with "
+                         "exact next-token NLL, e.g. ar)")
+    for e in entries:  # with several seeds, each run is judged by the AR run of its seed
+        judge = next((j for j in judges if j.seed == e.seed), judges[0])
+        if log:
+            log(f"sampling {e.name} and scoring under the {judge.name} judge…")
+        e.eval = add_generation_metrics(e.eval, judge.run_dir, num=num, length=length,
+                                        steps=steps, seed=seed)
+        e.metrics = e.eval["metrics"]
+
+
+@dataclass
+class CompareRequest:
+    """``lmkit compare``: existing ``run_dirs``, or ``objectives`` trained fresh under one
+    preset, flags and ``--set`` (only the objective differs), once per seed of ``seeds``; then
+    optional packing and generation columns, written to ``out`` (default: a new
+    comparisons/<timestamp>). ``baseline``: the objective the others are tested against
+    (``none``: no test; default: ``ar`` when present and some objective has several seeds)."""
+
+    run_dirs: list[Path] = field(default_factory=list)
+    objectives: list[str] = field(default_factory=list)
+    out: Path | None = None
+    preset: str | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
+    sets: tuple[str, ...] = ()
+    max_tokens: int | None = None
+    force: bool = False
+    pack: bool = False
+    gen: bool = False
+    seeds: list[int] | None = None
+    baseline: str | None = None
+
+
+def run_comparison(request: CompareRequest, observer: CompareObserver | None = None,
+                   log: Callable[[str], None] | None = None
+                   ) -> tuple[Path, list[Entry], dict[str, Path | None]]:
+    """The whole ``lmkit compare`` pipeline: (comparison directory, entries, files written)."""
+    r = request
+    if bool(r.run_dirs) == bool(r.objectives):
+        raise LmkitError("give either RUN_DIRs to compare or --objectives a,b,c to train")
+    if r.seeds is not None and r.flags.get("train.seed") is not None:
+        raise LmkitError("--seeds and --seed conflict: give one seed with --seed or several "
+                         "with --seeds")
+    if r.seeds is not None and r.run_dirs:
+        raise LmkitError("--seeds trains --objectives once per seed; RUN_DIRs keep their own "
+                         "seeds (several runs of one objective are grouped as seeds)")
+    if r.objectives and r.baseline and r.baseline.lower() != "none" \
+            and r.baseline not in r.objectives:
+        raise LmkitError(f"--baseline {r.baseline} is not one of --objectives "
+                         f"{','.join(r.objectives)}")
+    if r.objectives:
+        out, entries = compare_objectives(r.objectives, out=r.out, preset=r.preset,
+                                          flags=r.flags, sets=r.sets, max_tokens=r.max_tokens,
+                                          seeds=r.seeds, observer=observer, log=log)
+    else:
+        out = r.out or default_compare_dir()
+        if (Path(out) / "compare.json").exists():
+            raise LmkitError(f"{out} already holds a comparison (compare.json); choose another "
+                             "--out or omit it for a new comparisons/<timestamp>")
+        entries = compare_runs(r.run_dirs, force=r.force, max_tokens=r.max_tokens,
+                               device=r.flags.get("train.device") or "auto", observer=observer)
+    if r.pack:
+        add_pack_columns(entries, log=log)
+    if r.gen:
+        add_generation_columns(entries, seed=r.flags.get("train.seed") or 0, log=log)
+    label_entries(entries)
+    resolve_baseline(entries, r.baseline)  # a baseline not among RUN_DIRs fails before writing
+    sanity_check(entries)
+    out = Path(out).resolve()
+    files = write_report(out, entries, {"comparison": str(out)}, baseline=r.baseline)
+    return out, entries, files
