@@ -110,6 +110,7 @@ def test_a_third_party_objective_can_be_compared(tiny_data, tmp_path, capsys, th
     assert [r["objective"] for r in json.loads(out)["rows"]] == ["ar", "theirs"]
 
 
+@pytest.mark.slow  # seconds; the default run keeps its cheaper siblings
 def test_compare_with_pack_and_gen(tiny_data, tmp_path, capsys):
     code, out, err = run_cli(compare_args(tiny_data, tmp_path / "a", "ar,mdlm", "--pack",
                                           "--gen", "--json"), capsys)

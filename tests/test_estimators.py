@@ -283,6 +283,7 @@ def test_discrete_bound_lies_above_the_continuous_one_for_this_model():
 
 
 # -- honest standard errors ----------------------------------------------------------------------
+@pytest.mark.slow  # seconds; the default run keeps its cheaper siblings
 def test_two_stderr_intervals_cover_the_precise_value():
     """Over 200 seeds, ±2 stderr of the default design (K=4: 2 replicates × 2 strata) covers a
     value 16× more precise at least 90 % of the time (95 % expected)."""

@@ -136,6 +136,7 @@ def test_plugin_commands_join_the_cli(site):
     assert out.stdout.strip() == "hello from lmkit-twin"
 
 
+@pytest.mark.slow  # fresh processes; the default run keeps the one-warning case
 def test_strict_mode_fails_naming_the_plugin(site):
     """Strict mode makes a broken plugin an error for every command that uses the registered
     entries; `lmkit plugins` and `--help` still answer (issue 14, defect 8)."""
@@ -153,6 +154,7 @@ def test_strict_mode_fails_naming_the_plugin(site):
     assert "boom at import" in text
 
 
+@pytest.mark.slow  # fresh processes; the default run keeps the one-warning case
 def test_two_plugins_with_one_objective_name_is_an_error_naming_both(site):
     good_plugin(site, dist="lmkit-twin-a", entry_point="twin_a", module="lmkit_iso_a")
     good_plugin(site, dist="lmkit-twin-b", entry_point="twin_b", module="lmkit_iso_b")
@@ -238,11 +240,11 @@ def register_everything(cli):
 """
 
 
-@pytest.mark.parametrize("source, needle", [
+@pytest.mark.parametrize("source, needle", [  # 8 fresh processes each: one in the default run
     (COMMANDS_RAISE, "commands exploded"),
-    (EXITS_AT_IMPORT, "sys.exit(3)"),
-    (TAKES_TRAIN, "'train' is already taken"),
-    (UNKNOWN_HOOK, "register_everything"),
+    pytest.param(EXITS_AT_IMPORT, "sys.exit(3)", marks=pytest.mark.slow),
+    pytest.param(TAKES_TRAIN, "'train' is already taken", marks=pytest.mark.slow),
+    pytest.param(UNKNOWN_HOOK, "register_everything", marks=pytest.mark.slow),
 ])
 def test_plugin_isolation_one_broken_plugin_costs_one_warning(site, source, needle):
     install(site, "lmkit-bad", "0.1", "bad", "lmkit_iso_bad", source)

@@ -16,6 +16,7 @@ from lmkit.core.build import batch_geometry
 from lmkit.core.compare.entry import CompareObserver, Entry, NullCompareObserver
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_for_training
+from lmkit.core.device import release_memory
 from lmkit.core.evaluate import evaluate_run
 from lmkit.core.registry import get_objective
 from lmkit.core.train import Budget, train
@@ -33,10 +34,12 @@ def _evaluated_entry(run_dir: Path, observer: CompareObserver, *, reuse: bool,
     The result is kept in ``RUN/evals/`` under its protocol; the run's ``eval.json`` (the
     latest ``lmkit eval``) is left alone."""
     units: dict[str, Any] = {}
+    release_memory()  # the training phase's temporaries
     t0 = time.perf_counter()
     result = evaluate_run(run_dir, latest=False, reuse=reuse, units=units,
                           progress=observer.eval_progress, **scoring)
     seconds = time.perf_counter() - t0
+    release_memory()  # the evaluation's, before the next run trains
     meta = runs.read_run_meta(run_dir)
     observer.on_evaluated(meta["objective"], seconds, reused="reused_from" in result)
     state = runs.read_run_state(run_dir)
