@@ -68,3 +68,17 @@ def test_model_seq_len_is_train_seq_len(tiny_data):
     cfg = resolve_config(preset="tiny", flags={"train.steps": 1},
                          sets=["model.seq_len=48", "train.batch_tokens=480"])
     assert cfg.train.seq_len == 48 and not hasattr(cfg.model, "seq_len")
+
+
+def test_auto_precision_on_a_cpu_follows_native_bf16(monkeypatch):
+    """bf16 autocast only where the CPU computes bf16 natively: emulated, it is far slower."""
+    import torch
+
+    from lmkit.core import device as device_mod
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
+    assert device_mod.resolve_dtype("auto", cpu) == "fp32"
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
+    assert device_mod.resolve_dtype("auto", cpu) == "bf16"
+    assert device_mod.resolve_dtype("fp32", cpu) == "fp32"
