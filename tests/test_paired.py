@@ -104,3 +104,12 @@ def test_compare_pairs_masked_runs_and_keeps_evaluations_per_protocol(tiny_data,
     code, out, err = run_cli(["compare", *run_dirs, "--json", "--out", str(tmp_path / "b")],
                              capsys)
     assert code == 1 and "already holds a comparison" in err + out
+
+
+def test_the_protocol_key_ignores_the_order_of_options():
+    from lmkit.core.evalstore import protocol_key
+
+    a = {"checkpoint_step": 3, "max_tokens": None, "options": {"samples": 4, "chain_k": 8}}
+    b = {"options": {"chain_k": 8, "samples": 4}, "max_tokens": None, "checkpoint_step": 3}
+    assert protocol_key(a) == protocol_key(b) and protocol_key(a).startswith("step3-alltok-")
+    assert protocol_key({**a, "seed": 1}) != protocol_key(a)

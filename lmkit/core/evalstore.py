@@ -25,7 +25,7 @@ EVALS_DIR = "evals"
 
 def protocol_key(protocol: dict[str, Any]) -> str:
     """A readable, stable file name for ``protocol``: step, prefix and a digest of the rest."""
-    text = jsonfile.dumps(dict(sorted(protocol.items())))
+    text = jsonfile.dumps(protocol, sort_keys=True)  # the options' order does not matter
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     prefix = protocol.get("max_tokens") or "all"
     return f"step{protocol.get('checkpoint_step')}-{prefix}tok-{digest}"

@@ -53,9 +53,9 @@ def sanitize(data: Any) -> Any:
     return str(data)
 
 
-def dumps(data: Any, indent: int | None = None) -> str:
+def dumps(data: Any, indent: int | None = None, *, sort_keys: bool = False) -> str:
     """Strict JSON text of ``data`` (see :func:`sanitize`); never emits NaN or Infinity."""
-    return json.dumps(sanitize(data), indent=indent, allow_nan=False)
+    return json.dumps(sanitize(data), indent=indent, allow_nan=False, sort_keys=sort_keys)
 
 
 def _check_value(value: Any, where: str) -> None:
