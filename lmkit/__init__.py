@@ -44,6 +44,7 @@ _LAZY = {
     "MaskedEvalOptions": "lmkit.core.masking",
     "masked_spec": "lmkit.core.masking",
     "training_rows": "lmkit.core.masking",
+    "document_segments": "lmkit.core.masking",
     "stratified_times": "lmkit.core.masking",
     "mask_tokens": "lmkit.core.masking",
     "masked_nats": "lmkit.core.masking",
