@@ -146,10 +146,11 @@ def test_1_sigterm_checkpoints_the_step_and_exits_143(tiny_data, tmp_path, monke
 
 
 def test_1_sigint_stops_after_the_step_via_the_api(tiny_data, tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGINT)  # default, or SIG_IGN under nohup
     signal_at(monkeypatch, 2, signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match="SIGINT after step 2"):
         train(cfg_of(tiny_data), open_data(tiny_data), tmp_path / "run")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is restored
     assert not (tmp_path / "run" / LOCK_FILE).exists()
 
 
