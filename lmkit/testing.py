@@ -315,11 +315,11 @@ def check_metrics(h: ObjectiveHarness) -> None:
         for m in metrics:
             where = f"metric {m.name!r} ({purpose})"
             expect(m.kind in METRIC_KINDS, f"{where}: kind {m.kind!r} is not one of {METRIC_KINDS}")
+            expect(math.isfinite(m.value), f"{where}: value {m.value} is not finite: the "
+                                           "objective's nats are NaN or infinite")
             expect(m.unit == metric_unit(m.kind),
                    f"{where}: unit {m.unit!r}; metrics come from ctx.meter "
                    f"({metric_unit(m.kind)} for kind {m.kind!r})")
-            expect(math.isfinite(m.value), f"{where}: value {m.value} is not finite: the "
-                                           "objective's nats are NaN or infinite")
             expect(m.value > 0, f"{where}: value {m.value}; a code length in bpb is positive")
             if m.kind == "exact":
                 expect(m.stderr is None, f"{where}: an exact value has no stderr")
