@@ -240,8 +240,8 @@ def register_everything(cli):
 """
 
 
-@pytest.mark.parametrize("source, needle", [  # 8 fresh processes each: one in the default run
-    (COMMANDS_RAISE, "commands exploded"),
+@pytest.mark.parametrize("source, needle", [  # 8 fresh processes each: all under -m slow
+    pytest.param(COMMANDS_RAISE, "commands exploded", marks=pytest.mark.slow),
     pytest.param(EXITS_AT_IMPORT, "sys.exit(3)", marks=pytest.mark.slow),
     pytest.param(TAKES_TRAIN, "'train' is already taken", marks=pytest.mark.slow),
     pytest.param(UNKNOWN_HOOK, "register_everything", marks=pytest.mark.slow),
