@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmkit.cli import main
 from lmkit.core import atomic, runs
 from lmkit.core import checkpoint as ckpt_mod
 from lmkit.core import train as train_mod
@@ -27,6 +26,7 @@ from lmkit.core.plan import plan_training
 from lmkit.core.runlock import LOCK_FILE, RunLock
 from lmkit.core.train import TrainingInterrupted, train
 from lmkit.errors import LmkitError
+from tests.test_cli import run_cli
 
 FAST = ["train.seq_len=32", "train.batch_tokens=256", "train.log_every=2",
         "train.val_tokens=512", "train.dtype=fp32", "train.ckpt_seconds=0"]
@@ -83,16 +83,6 @@ def straight(tiny_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     train(cfg_of(tiny_data), open_data(tiny_data), run_dir)
     return run_dir
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def cli_train(tiny_data, out, *extra):

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from lmkit.cli import main
 from lmkit.core.config import PRESETS
 from lmkit.core.data import (
     DOC_HASHES_NAME,
@@ -31,19 +30,16 @@ from lmkit.core.data.leaks import RECORD_BYTES, shard_documents
 from lmkit.core.masking import document_segments
 from lmkit.core.trunk import ModelConfig, Transformer
 from lmkit.errors import LmkitError
+from tests.test_cli import run_cli as cli_run
 
 DOCS = [f"Document {i} talks about subject {i * 7 % 13} for a sentence or two. Then it ends."
         for i in range(40)]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, " ".join(out.err.split())
+    """``tests.test_cli.run_cli`` with stderr's line wrapping undone."""
+    code, out, err = cli_run(args, capsys)
+    return code, out, " ".join(err.split())
 
 
 @pytest.fixture(scope="module")
