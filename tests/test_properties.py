@@ -96,3 +96,21 @@ def test_strict_json_writer_round_trips_any_value(obj):
 
     text = dumps(obj)
     json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in {text}"))
+
+
+@PROFILE
+@given(meta=st.binary(max_size=512), metrics=st.binary(max_size=512),
+       huge_int=st.booleans())
+def test_run_listing_survives_any_run_files(meta, metrics, huge_int):
+    """`lmkit runs` lists a damaged run as unreadable rather than crashing (e.g. an integer
+    literal past Python's 4300-digit limit, which is a ValueError but not a JSONDecodeError)."""
+    from lmkit.core.runlist import list_runs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "runs" / "r"
+        (run / "checkpoint").mkdir(parents=True)
+        (run / "run.json").write_bytes(b"9" * 5000 if huge_int else meta)
+        (run / "metrics.jsonl").write_bytes(metrics)
+        (run / "checkpoint" / "state.json").write_bytes(b'{"step": ' + b"1" * 5000 + b"}")
+        (row,) = list_runs(tmp)
+        assert row["path"] == str(run.resolve())

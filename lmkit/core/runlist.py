@@ -20,8 +20,8 @@ MAX_DEPTH = 4  # DIR/runs/x, DIR/comparisons/<stamp>/runs/x
 def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None  # ValueError: bad JSON, or an integer too long to convert
 
 
 def _last_val(path: Path) -> tuple[dict[str, Any] | None, int | None]:
@@ -34,11 +34,12 @@ def _last_val(path: Path) -> tuple[dict[str, Any] | None, int | None]:
     for line in lines:
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             continue  # a torn line (e.g. a crash mid-write) is skipped
         if isinstance(record, dict) and record.get("type") == "val" and record.get("metrics"):
             last = record
-    if last is None or not isinstance(last["metrics"], list):
+    if last is None or not isinstance(last["metrics"], list) \
+            or not isinstance(last["metrics"][0], dict):
         return None, None
     return last["metrics"][0], last.get("step")
 
