@@ -241,7 +241,8 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (see docs).")
 def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_size, seed, gen,
              judge_dir, sampler, num, length, steps, details, as_json) -> None:
-    """Score a run's checkpoint (or a packed ARTIFACT file) on validation data in bits per byte.
+    """Score a run's checkpoint (or an `lmkit export` folder, or a packed ARTIFACT file) on
+    validation data in bits per byte.
 
     Each metric states its kind: `exact` (a true code length), `upper_bound` (a bound on one, with
     the standard error of its estimate) or `score` (neither). Bytes are counted with the
@@ -580,10 +581,12 @@ def bench_coverage(run_dirs: tuple[Path, ...], seeds: int, max_tokens: int | Non
         click.echo(fmt(r))
 
 
+from lmkit.cli.export import export_command  # noqa: E402
 from lmkit.cli.pack import bench_pack_command, pack_command  # noqa: E402
 from lmkit.cli.sample import bench_sample_command, sample_command  # noqa: E402
 
 cli.add_command(pack_command)
+cli.add_command(export_command)
 cli.add_command(sample_command)
 bench.add_command(bench_pack_command)
 bench.add_command(bench_sample_command)

@@ -20,7 +20,7 @@ from lmkit.cli.options import (
 
 
 @click.command("sample")
-@click.argument("run_dir", metavar="RUN_DIR|ARTIFACT", type=click.Path(path_type=Path))
+@click.argument("run_dir", metavar="RUN_DIR|EXPORT|ARTIFACT", type=click.Path(path_type=Path))
 @click.option("--sampler", help="A registered sampler (see `lmkit samplers`) [default: the first "
                                 "that serves the run's objective: ar for AR, ddpm for masked].")
 @click.option("--num", type=bounded(1, MAX_SAMPLES), default=4, show_default=True,
@@ -49,8 +49,8 @@ from lmkit.cli.options import (
               help="One JSON object: per sample text, token ids, nfe, seconds, tokens/s.")
 def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperature, top_k, top_p,
                    opts, batch_size, dtype, device, as_json) -> None:
-    """Generate text from a run's checkpoint (or a packed ARTIFACT's round trip) with a
-    registered sampler.
+    """Generate text from a run's checkpoint (or an `lmkit export` folder, or a packed
+    ARTIFACT's round trip) with a registered sampler.
 
     Random draws (categorical/Gumbel) are made in float64, from one generator seeded with
     --seed. NFE counts the model's forward passes per batch. A BOS inside a sample (a new
