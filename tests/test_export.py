@@ -117,14 +117,14 @@ def test_sample_of_an_export_is_the_runs_text(ar_run, ar_export, capsys):
     assert all(len(s["token_ids"]) == 12 and s["text"].strip() for s in from_export)
 
 
-def test_with_val_the_folder_evaluates_from_its_own_copy(ar_run, ar_export, tmp_path, capsys):
+def test_with_val_the_folder_evaluates_from_its_own_copy(ar_run, tmp_path, capsys):
     out = tmp_path / "with-val"
-    cli_json(["export", str(ar_run), str(out), *SCORE, "--with-val", "--json"], capsys)
+    made = cli_json(["export", str(ar_run), str(out), *SCORE, "--with-val", "--json"], capsys)
     assert (out / "val.bin").read_bytes() == (ar_run / "val.bin").read_bytes()
     got = cli_json(["eval", str(out), *SCORE, "--json"], capsys)
     assert got["data"]["val_source"] == str((out / "val.bin").resolve())
-    assert got["metrics"] == cli_json(["eval", str(ar_export), *SCORE, "--json"],
-                                      capsys)["metrics"]
+    assert got["metrics"] == made["evaluation"]["metrics"]  # the run's, read from its val.bin
+    assert made["evaluation"]["data"]["val_source"] == str((ar_run / "val.bin").resolve())
 
 
 def test_out_must_be_empty_unless_force(ar_run, ar_export, tmp_path, capsys):
@@ -274,14 +274,14 @@ def test_export_of_a_packed_artifact_evals_like_the_artifact(ar_run, tmp_path, c
 
 
 # -- the YAML writer, against PyYAML --------------------------------------------------------------
-YAML_PROFILE = settings(max_examples=60, deadline=None, derandomize=True,
+YAML_PROFILE = settings(max_examples=30, deadline=None, derandomize=True,
                         suppress_health_check=list(HealthCheck))
 scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text()
            | st.sampled_from(["yes", "No", "null", "~", "1e-05", "0x1F", "- a", "a: b", "#",
                               "---", "\u2028", "\x85", "\ufeff", "'", '"', "\\", " x "]))
 values = st.recursive(scalars, lambda c: st.lists(c, max_size=4)
                       | st.dictionaries(st.text() | st.sampled_from(["on", "1", ""]), c,
-                                        max_size=4), max_leaves=24)
+                                        max_size=4), max_leaves=16)
 
 
 @YAML_PROFILE

@@ -211,7 +211,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False,
         raise LmkitError("--push needs huggingface_hub: pip install 'lmkit[hub]' (or "
                          "pip install huggingface_hub), then log in with `hf auth login`"
                          ) from None
-    api = HfApi(token=token)
+    api = HfApi(token=token, library_name="lmkit", library_version=__version__)
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
