@@ -119,8 +119,10 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(temp_name(path.name))
     old = path.with_name(temp_name(path.name + ".old"))
     tmp.mkdir()
+    renaming = False  # an OSError while renaming is about the folders, not the caller's work
     try:
         yield tmp
+        renaming = True
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
@@ -130,6 +132,9 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
             os.replace(old, path)  # the swap failed half-way: put the previous folder back
         if is_disk_full(exc):
             raise disk_full_error(path) from None
+        if isinstance(exc, OSError) and renaming:
+            raise LmkitError(f"cannot move the new {path.name} into place at {path} "
+                             f"({exc.strerror or exc}); nothing there was changed") from None
         raise
     fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)

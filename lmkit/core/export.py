@@ -166,7 +166,7 @@ def export_model(source: str | Path, out: str | Path, *, device: str = "auto",
     from lmkit.core.evaluate import Scoring, load_target
     from lmkit.core.modelcard import render_card
 
-    source, out = Path(source), Path(out)
+    source, out = Path(source), Path(out).resolve()
     if not source.exists():
         raise LmkitError(f"{source} does not exist: pass a run directory or a packed artifact")
     check_out(out, force)
@@ -174,7 +174,7 @@ def export_model(source: str | Path, out: str | Path, *, device: str = "auto",
     run, model, manifest = load_target(source, device)
     if run.export is not None:
         raise LmkitError(f"{source} is already an export; copy the folder instead")
-    if out.resolve() == run.path.resolve():
+    if out == run.path.resolve():
         raise LmkitError(f"{out} is the run directory itself; export to another folder")
     if log:
         log(f"evaluating {source} for the model card…")
@@ -183,7 +183,7 @@ def export_model(source: str | Path, out: str | Path, *, device: str = "auto",
     files = {WEIGHTS_FILE: weights_bytes(model),
              CONFIG_FILE: (jsonfile.dumps(config, indent=2) + "\n").encode(),
              runs.TOKENIZER_FILE: run.tokenizer.path.read_bytes(),
-             CARD_FILE: render_card(config, result, out.resolve().name).encode()}
+             CARD_FILE: render_card(config, result, out.name).encode()}
     with atomic.staged_dir(out) as tmp:
         for name, blob in files.items():
             atomic.write_bytes(tmp / name, blob)
@@ -195,7 +195,7 @@ def export_model(source: str | Path, out: str | Path, *, device: str = "auto",
     names = sorted(p.name for p in out.iterdir())
     if log:
         log(f"wrote {out}: {', '.join(names)}")
-    return {"out": str(out.resolve()), "files": names, "config": config, "evaluation": result}
+    return {"out": str(out), "files": names, "config": config, "evaluation": result}
 
 
 # -- the Hub -------------------------------------------------------------------------------------
