@@ -163,6 +163,11 @@ def front_matter(config: dict[str, Any], result: dict[str, Any], name: str) -> d
     }
 
 
+def _cell(value: Any) -> str:
+    """Text for a Markdown table cell (a ``|`` would end the cell)."""
+    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
 def render_card(config: dict[str, Any], result: dict[str, Any], name: str) -> str:
     """The whole ``README.md``: front matter, then what a reader needs to trust the figures."""
     meta = front_matter(config, result, name)
@@ -171,8 +176,9 @@ def render_card(config: dict[str, Any], result: dict[str, Any], name: str) -> st
     source = config["exported_from"]
     what = (f"the packed artifact `{source['artifact']['path']}` (its dequantized weights)"
             if source.get("artifact") else f"the run `{source['run']}`")
-    rows = [f"| {m['name']} | {m['kind']} | {format_metric(m)} | {m['unit']} | "
-            f"{m['tokens']:,} | {m['bytes']:,} |" for m in result["metrics"]]
+    rows = [f"| {_cell(m['name'])} | {m['kind']} | {format_metric(m)} | {m['unit']} | "
+            f"{m['tokens']:,} | {m['bytes']:,} | {_cell((m.get('detail') or {}).get('estimator'))}"
+            " |" for m in result["metrics"]]
     lines = [
         "---", to_yaml(meta).rstrip("\n"), "---", "",
         f"# {name}", "",
@@ -183,7 +189,8 @@ def render_card(config: dict[str, Any], result: dict[str, Any], name: str) -> st
         "## Evaluation", "",
         "Bits per byte on the validation stream, bytes counted with the tokenizer's exact LUT "
         "over exactly the scored tokens. Each figure states its kind.", "",
-        "| metric | kind | value | unit | tokens | bytes |", "|---|---|---|---|---:|---:|",
+        "| metric | kind | value | unit | tokens | bytes | estimator |",
+        "|---|---|---|---|---:|---:|---|",
         *rows, "",
         *[f"* {line}" for line in legend(result["metrics"], markdown=True)], "",
         "Protocol: " + ", ".join(f"{k} = `{v}`" for k, v in protocol.items()) + ".", "",
