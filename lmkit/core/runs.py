@@ -108,11 +108,14 @@ class MetricsLog:
 
     A crash (or a full disk) can tear the last line; readers drop a torn tail with a
     :class:`~lmkit.core.atomic.RecoveryWarning` instead of failing, and a write that hits a full
-    disk is undone and reported as one error.
+    disk is undone and reported as one error. Each record written is then handed to the run's
+    ``loggers`` (:mod:`lmkit.core.loggers`: trackers selected with ``train.log``), so they see
+    exactly what this file holds.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, loggers: Any = None):
         self.path = Path(path)
+        self.loggers = loggers
 
     def write(self, record: dict[str, Any]) -> None:
         line = jsonfile.dumps(record) + "\n"
@@ -129,6 +132,8 @@ class MetricsLog:
             except OSError:
                 pass
             raise atomic.disk_full_error(self.path, len(line)) from None
+        if self.loggers is not None:
+            self.loggers.log(line)
 
     def records(self) -> list[dict[str, Any]]:
         """Every record; a torn last line is dropped with a warning, other damage (a line that

@@ -33,6 +33,7 @@ from lmkit.core.config import RunConfig
 from lmkit.core.data import DataSource, RotatingLoader, load_val_tokens
 from lmkit.core.device import synchronize
 from lmkit.core.evaluate import run_evaluation
+from lmkit.core.loggers import Loggers, open_run_loggers
 from lmkit.core.optim import build_optimizers, set_schedule
 from lmkit.core.perf import measure_peak_flops
 from lmkit.core.runlock import LOCK_FILE, RunLock
@@ -247,12 +248,14 @@ def train(
                 f"{run_dir} already exists and is not empty; pass --resume auto to continue it "
                 f"or choose another --out"
             )
-        return _train(cfg, data, run_dir, resume=resume, restart=restart,
-                      observer=observer or NullObserver(), stop=stop)
+        with open_run_loggers(cfg, run_dir, resume) as loggers:  # train.log, beside the JSONL
+            return _train(cfg, data, run_dir, resume=resume, restart=restart,
+                          observer=observer or NullObserver(), stop=stop, loggers=loggers)
 
 
 def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, restart: bool,
-           observer: TrainObserver, stop: StopSignals) -> dict[str, Any]:
+           observer: TrainObserver, stop: StopSignals,
+           loggers: Loggers | None = None) -> dict[str, Any]:
     t = cfg.train
     setup = build(cfg, data)
     model, objective, device = setup.model, setup.objective, setup.device
@@ -261,7 +264,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
     loader = setup.loader(micro)
     val_tokens = load_val_tokens(data, t.val_tokens or None)
     budget = Budget(t.steps, t.tokens, t.time)
-    log = runs.MetricsLog(run_dir / runs.METRICS_FILE)
+    log = runs.MetricsLog(run_dir / runs.METRICS_FILE, loggers)
 
     step, tokens_seen, train_seconds, trained_tokens = 0, 0, 0.0, 0
     window = LogWindow()
