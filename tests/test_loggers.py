@@ -110,6 +110,35 @@ def test_trackio_and_tensorboard_read_back_the_jsonl_curve(tiny_data, tmp_path, 
     assert config["model"] == json.loads((run / "run.json").read_text())["config"]["model"]
 
 
+def test_on_resume_tensorboard_replaces_the_steps_past_the_checkpoint_trackio_keeps_both(
+        tmp_path, trackio_dir):
+    pytest.importorskip("trackio", reason="the test extra installs trackio")
+    pytest.importorskip("tensorboard", reason="the test extra installs tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trackio.sqlite_storage import SQLiteStorage
+
+    from lmkit.builtin.loggers import TensorBoardLogger, TrackioLogger
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for cls in (TensorBoardLogger, TrackioLogger):
+        first = cls(LoggerContext(run, {"objective": "ar"}))
+        for step in (1, 2, 3, 4):
+            first.log({"type": "train", "step": step, "loss": float(step)})
+        first.close()
+        again = cls(LoggerContext(run, {"objective": "ar"}, resumed_at=2))
+        for step in (3, 4):
+            again.log({"type": "train", "step": step, "loss": 10.0 + step})
+        again.close()
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+    got = SQLiteStorage.get_metric_values("lmkit", str(run), "train/loss")
+    assert [(g["step"], g["value"]) for g in got] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (3, 13.0), (4, 14.0)]
+
+
 class Recorder:
     """A third-party sink that keeps what it is given."""
 
