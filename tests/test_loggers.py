@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 
 from lmkit import hookimpl
-from lmkit.builtin.loggers import refuse_remote, scalars, wandb_settings
+from lmkit.builtin.loggers import refuse_remote, scalars, wandb_run_id, wandb_settings
 from lmkit.core import registry as registry_mod
 from lmkit.core.config import resolve_config, to_toml
 from lmkit.core.loggers import LoggerWarning
@@ -207,6 +207,8 @@ def test_a_plugin_sink_sees_every_record_and_a_failing_one_is_dropped(sink_plugi
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["recorder"]["distribution"] == "lmkit-sinks"
     assert {"trackio", "tensorboard", "wandb"} <= set(rows)
+    code, out, _ = run_cli(["loggers"], capsys)
+    assert "recorder" in out and "pip install 'lmkit[tensorboard]'" in " ".join(out.split())
     code, out, _ = run_cli(["plugins", "--json"], capsys)
     assert [p["hooks"] for p in json.loads(out) if p["name"] == "sinks"] == [["register_loggers"]]
 
@@ -262,12 +264,21 @@ def test_missing_library_fails_before_training_naming_the_extra(tiny_data, tmp_p
 
 def test_wandb_is_offline_unless_the_user_says_otherwise(tmp_path):
     ctx = LoggerContext(run_dir=tmp_path / "run", config={"objective": "ar"})
-    args = wandb_settings(ctx, {})
+    args = wandb_settings(ctx, {}, "abc123")
     assert args["mode"] == "offline" and args["dir"] == str(tmp_path / "run")
     assert args["config"] == {"objective": "ar"} and args["resume"] is None
-    assert wandb_settings(ctx, {"WANDB_MODE": "online"})["mode"] == "online"
-    resumed = wandb_settings(LoggerContext(tmp_path / "run", {}, resumed_at=5), {})
-    assert resumed["resume"] == "allow" and resumed["id"] == args["id"]  # the same run again
+    assert args["id"] == "abc123" and args["project"] == "lmkit"
+    assert wandb_settings(ctx, {"WANDB_MODE": "online"}, "abc123")["mode"] == "online"
+    resumed = LoggerContext(tmp_path / "run", {}, resumed_at=5)
+    assert wandb_settings(resumed, {}, "abc123")["resume"] == "allow"
+
+
+def test_wandb_run_id_is_new_per_run_and_kept_on_resume(tmp_path):
+    first = wandb_run_id(LoggerContext(tmp_path / "run", {}))
+    assert (tmp_path / "run" / "wandb" / "lmkit-run-id").read_text().strip() == first
+    assert wandb_run_id(LoggerContext(tmp_path / "run", {}, resumed_at=3)) == first
+    again = wandb_run_id(LoggerContext(tmp_path / "run", {}))  # trained afresh: a new run
+    assert again != first and len(again) == 16
 
 
 def test_trackio_refuses_remote_settings():

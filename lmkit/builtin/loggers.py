@@ -17,10 +17,10 @@ They log the numbers of each ``metrics.jsonl`` record (see :func:`scalars`) at t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import os
+import secrets
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -144,13 +144,30 @@ class TrackioLogger:
             self.trackio.finish()
 
 
-def wandb_settings(ctx: LoggerContext, environ: Mapping[str, str]) -> dict[str, Any]:
-    """``wandb.init`` arguments: offline unless ``WANDB_MODE`` is set, files in the run
-    directory, and an id fixed by the run directory so a resumed run continues its own."""
-    run_dir = Path(ctx.run_dir)
-    run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
-    return {"project": environ.get("WANDB_PROJECT") or PROJECT, "name": str(run_dir),
-            "id": run_id, "dir": str(run_dir), "config": ctx.config,
+WANDB_ID_FILE = Path("wandb") / "lmkit-run-id"
+
+
+def wandb_run_id(ctx: LoggerContext) -> str:
+    """The wandb run id of this lmkit run: new for a fresh run (kept in
+    ``RUN/wandb/lmkit-run-id``), the kept one for a resumed run, so it continues its own."""
+    from lmkit.core import atomic
+
+    path = Path(ctx.run_dir) / WANDB_ID_FILE
+    if ctx.resumed_at is not None and path.is_file():
+        kept = path.read_text().strip()
+        if kept.isalnum():
+            return kept
+    run_id = secrets.token_hex(8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(path, run_id + "\n")
+    return run_id
+
+
+def wandb_settings(ctx: LoggerContext, environ: Mapping[str, str], run_id: str) -> dict[str, Any]:
+    """``wandb.init`` arguments: offline unless ``WANDB_MODE`` is set (``WANDB_PROJECT``
+    names the project, else ``lmkit``), files in the run directory, the run's own id."""
+    return {"project": environ.get("WANDB_PROJECT") or PROJECT, "name": str(ctx.run_dir),
+            "id": run_id, "dir": str(ctx.run_dir), "config": ctx.config,
             "mode": environ.get("WANDB_MODE") or "offline",
             "resume": "allow" if ctx.resumed_at is not None else None}
 
@@ -165,7 +182,7 @@ class WandbLogger:
     def __init__(self, ctx: LoggerContext) -> None:
         wandb = require("wandb", self.name, "wandb")
         with _stdout_to_stderr():
-            self.run = wandb.init(**wandb_settings(ctx, os.environ))
+            self.run = wandb.init(**wandb_settings(ctx, os.environ, wandb_run_id(ctx)))
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(scalars(record), step=int(record.get("step", 0)))
