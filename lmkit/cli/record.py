@@ -65,9 +65,9 @@ def record_command(run_dirs, out, check_dir, name, track, author, github_id, dat
     Per seed: the run's artifact (reused when valid for its checkpoint and under the cap, else
     packed), scored read back from its file on the whole validation set, beside the trained
     checkpoint. The folder holds submission.json (every figure computed from the runs),
-    README.md, requirements.txt, code/ (counted in bytes_total) and seed_<seed>/ (log, run.json,
-    artifact, evaluations). A folder over the cap or with fewer than 3 seeds is still written;
-    its compliance block says so.
+    README.md, requirements.txt, code/ (counted in bytes_total) and seed_<seed>/ (the training
+    log, the run's run.json as train_run.json, the artifact, both evaluations). A folder over
+    the cap or with fewer than 3 seeds is still written; its compliance block says so.
 
     \b
     Example:
