@@ -11,6 +11,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,9 @@ def _reusable(path: Path, run: runs.Run, recipe: Recipe, budget: int | None) -> 
     step = (manifest.get("checkpoint") or {}).get("step")
     if step != run.state["step"]:
         return f"{path.name} was packed from step {step}, the checkpoint is at {run.state['step']}"
+    made = (manifest.get("bits"), manifest.get("method"), manifest.get("compression"))
+    if made != (recipe.bits, recipe.method, recipe.compression):
+        return f"{path.name} holds another recipe {made}"
     if manifest.get("tokenizer_sha256") != run.tokenizer.sha256:
         return f"{path.name} was packed with another tokenizer"
     if budget is not None and path.stat().st_size > budget:
@@ -85,19 +89,15 @@ def place_artifact(run: runs.Run, dest: Path, recipe: Recipe, budget: int | None
                 "artifact_note": f"reused the run's {recipe.file_name} (lmkit pack)"}
     if log:
         log(f"{run.path}: packing ({why})")
-    capped = Recipe(bits=recipe.bits, method=recipe.method, compression=recipe.compression,
-                    cap_bytes=budget, calib_tokens=recipe.calib_tokens,
-                    small_max=recipe.small_max) if budget and budget > 0 else None
-    if capped is not None:
+    if budget is not None and budget > 0:
         try:
-            quantize_and_write(run, dest, capped, data_dir=data_dir, log=log)
+            quantize_and_write(run, dest, replace(recipe, cap_bytes=budget), data_dir=data_dir,
+                               log=log)
             return {"artifact_reused": False,
                     "artifact_note": f"packed by lmkit record, cap {budget:,} bytes ({why})"}
         except LmkitError as exc:
             why = f"{why}; the cap could not be met: {exc}"
-    uncapped = Recipe(bits=recipe.bits, method=recipe.method, compression=recipe.compression,
-                      cap_bytes=None, calib_tokens=recipe.calib_tokens, small_max=recipe.small_max)
-    quantize_and_write(run, dest, uncapped, data_dir=data_dir, log=log)
+    quantize_and_write(run, dest, replace(recipe, cap_bytes=None), data_dir=data_dir, log=log)
     return {"artifact_reused": False,
             "artifact_note": f"packed by lmkit record without a cap ({why})"}
 
@@ -174,12 +174,7 @@ def record_seed(run_dir: Path, folder: Path, *, recipe: Recipe, budget: int | No
     seed = run.config.train.seed
     sub = folder / layout.seed_dir(seed)
     sub.mkdir(parents=True, exist_ok=True)
-    records = runs.read_metrics(run.path)
-    figures = log_figures(records, str(run.path / runs.METRICS_FILE))
-    if figures["steps"] != run.state["step"]:
-        raise LmkitError(f"{run.path / runs.METRICS_FILE} ends at step {figures['steps']} but "
-                         f"the checkpoint is at step {run.state['step']}; the log does not "
-                         "describe these weights")
+    records = runs.read_metrics(run.path)  # checked against the checkpoint by the preflight
     shutil.copyfile(run.path / runs.METRICS_FILE, sub / layout.LOG_FILE)
     shutil.copyfile(run.path / runs.RUN_FILE, sub / layout.RUN_FILE)
     artifact = sub / recipe.file_name

@@ -16,7 +16,7 @@ from lmkit import __version__
 from lmkit.core import atomic, runs
 from lmkit.core.pack import Recipe
 from lmkit.core.record import layout, readme, summary
-from lmkit.core.record.seeds import Log, hardware_of, record_seed
+from lmkit.core.record.seeds import Log, hardware_of, log_figures, record_seed
 from lmkit.errors import LmkitError
 
 FORMAT = "lmkit-record/1"
@@ -35,7 +35,13 @@ def preflight(run_dirs: list[Path]) -> list[tuple[int, Path, dict[str, Any]]]:
         if not Path(run_dir).is_dir():
             raise LmkitError(f"run directory {run_dir} does not exist")
         meta = runs.read_run_meta(run_dir)
-        runs.read_run_state(run_dir)  # a finished checkpoint, before minutes of packing
+        state = runs.read_run_state(run_dir)  # a checkpoint and a log that describes it,
+        figures = log_figures(runs.read_metrics(Path(run_dir)),  # before minutes of packing
+                              str(Path(run_dir) / runs.METRICS_FILE))
+        if figures["steps"] != state["step"]:
+            raise LmkitError(f"{Path(run_dir) / runs.METRICS_FILE} ends at step "
+                             f"{figures['steps']} but the checkpoint is at step {state['step']}; "
+                             "the log does not describe these weights")
         seed = (meta["config"].get("train") or {}).get("seed")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise LmkitError(f"{run_dir}/{runs.RUN_FILE}: config.train.seed is {seed!r}, not "
