@@ -591,11 +591,13 @@ def bench_coverage(run_dirs: tuple[Path, ...], seeds: int, max_tokens: int | Non
 from lmkit.cli.export import export_command  # noqa: E402
 from lmkit.cli.loggers import loggers_command  # noqa: E402
 from lmkit.cli.pack import bench_pack_command, pack_command  # noqa: E402
+from lmkit.cli.record import record_command  # noqa: E402
 from lmkit.cli.sample import bench_sample_command, sample_command  # noqa: E402
 
 cli.add_command(loggers_command)
 cli.add_command(pack_command)
 cli.add_command(export_command)
+cli.add_command(record_command)
 cli.add_command(sample_command)
 bench.add_command(bench_pack_command)
 bench.add_command(bench_sample_command)
