@@ -146,9 +146,9 @@ def block_steps(length: int, size: int, steps: int) -> list[tuple[int, int, list
     at most), so a block takes ``min(its steps, its tokens)`` model calls."""
     n_blocks = -(-length // size)
     if steps < n_blocks:
-        raise LmkitError(f"--steps {steps} is fewer than the {n_blocks} blocks of --length {length} "
-                         f"in blocks of {size} (--opt block_size): every block needs a step; use "
-                         f"--steps {n_blocks} or more, or a larger block_size")
+        raise LmkitError(f"--steps {steps} is fewer than the {n_blocks} blocks of --length "
+                         f"{length} in blocks of {size} (--opt block_size): every block needs a "
+                         f"step; use --steps {n_blocks} or more, or a larger block_size")
     base, extra = divmod(steps, n_blocks)
     out = []
     for b in range(n_blocks):

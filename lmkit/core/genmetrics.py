@@ -100,7 +100,8 @@ def judge_samples(judge: runs.Run, lut: Any, rows: torch.Tensor, prompt_len: int
     pooled = [i for ids in generated for i in ids]
     entropy = Metric("gen_entropy", "score", float(per_sample.mean()), "bits", stderr, ppl.tokens,
                      ppl.bytes, {**base, "estimator": "unigram entropy of each sample's tokens, "
-                                 "mean over samples", "pooled_entropy_bits": unigram_entropy(pooled),
+                                 "mean over samples",
+                                 "pooled_entropy_bits": unigram_entropy(pooled),
                                  "distinct_tokens": len(set(pooled))})
     return ppl, entropy
 
