@@ -1,10 +1,10 @@
 """Masked samplers that choose which positions to reveal: ``entropy_bounded`` and ``block``.
 
-Both serve any objective with the ``masked`` capability, like ``confidence``. Each step draws a
-candidate token for every position it may reveal (Gumbel-max in float64 from ``ctx.generator``,
-one draw per candidate position and vocabulary id, row-major) and keeps some of them; the rest
-stay masked. The model sees, per row, the time t at which the forward process masks as many
-tokens as are still masked (through σ(t) when it is time-conditioned).
+Both serve any objective with the ``masked`` capability, like ``confidence``, and draw every
+token by Gumbel-max in float64 from ``ctx.generator`` (one uniform per position drawn and
+vocabulary id, row-major) under the request's filters. Positions not revealed stay masked. The
+model sees, per row, the time t at which the forward process masks as many tokens as are still
+masked (through σ(t) when it is time-conditioned).
 
 * ``entropy_bounded`` is the EB-sampler of Ben-Hamu et al. 2025 ("Accelerated Sampling from
   Masked Diffusion Models via Entropy Bounded Unmasking"), the rule of diffusers'
@@ -24,6 +24,7 @@ from torch import Tensor
 from lmkit.builtin.samplers import (
     check_steps,
     denoise,
+    draw,
     masked_spec,
     masked_time,
     reveal_counts,
@@ -35,17 +36,6 @@ from lmkit.errors import LmkitError
 from lmkit.protocols import SampleContext, SampleResult
 
 MAX_BLOCK = 1_000_000  # --opt block_size: a block longer than any context is one block anyway
-
-
-def candidates(logits: Tensor, ctx: SampleContext) -> tuple[Tensor, Tensor, Tensor]:
-    """(ids, log-prob of each id, entropy in nats) of one draw per row of ``logits``, all under
-    the request's filtered distribution (the one the ids are drawn from), in float64."""
-    dtype = ctx.dtype or DEFAULT_DTYPE
-    logp = filter_logits(logits, temperature=ctx.temperature, top_k=ctx.top_k, top_p=ctx.top_p,
-                         dtype=dtype)
-    ids = sample_categorical(logp, ctx.generator, greedy=ctx.temperature == 0, dtype=dtype)
-    entropy = torch.special.entr(logp.exp()).sum(-1)  # −Σ p log p; excluded ids (p = 0) add 0
-    return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), entropy
 
 
 def row_times(masked: Tensor, length: int, eps: float) -> Tensor:
@@ -71,15 +61,17 @@ def check_entropy_bound(ctx: SampleContext) -> float:
 class EntropyBoundedSampler:
     """Reveal the lowest-entropy masked positions while they are nearly independent (EB-sampler).
 
-    Each step draws a candidate for every masked position, sorts the positions of each row by the
-    entropy H of their candidate's distribution and reveals the k lowest, k the largest with
-    ``H₁ + … + H_k − max(H₁ … H_k) ≤ γ`` (``--opt entropy_bound``, nats): the sum of all but the
-    largest bounds the mutual information of the revealed tokens, which the factorised draw
-    ignores. The lowest is always revealed, so a row needs at most ``length`` steps; with γ = 0
+    Each step sorts the masked positions of each row by the entropy H of the distribution a
+    token would be drawn from there (after the filters) and reveals the k lowest, k the largest
+    with ``H₁ + … + H_k − max(H₁ … H_k) ≤ γ`` (``--opt entropy_bound``, nats): the sum of all
+    but the largest bounds the mutual information of the revealed tokens, which the factorised
+    draw ignores. The lowest is always revealed, so a row needs at most ``length`` steps; with γ = 0
     it reveals exactly one per step, lowest entropy first. ``--steps`` is the most model calls it
     may make (diffusers' ``num_inference_steps`` is a maximum too): when fewer steps remain than
     a row has masked tokens, that row reveals at least ⌈masked / steps left⌉ (lowest entropy
-    first). Rows proceed independently; only unfinished rows go through the model.
+    first). Rows proceed independently; only unfinished rows go through the model. Which
+    positions are revealed depends on the entropies alone, so tokens are drawn for those only
+    (diffusers draws a candidate everywhere and discards the rest: the same distribution).
     """
 
     name = "entropy_bounded"
@@ -101,10 +93,11 @@ class EntropyBoundedSampler:
                 break
             xa, ma = x[rows], masked[rows]
             times = row_times(ma, ctx.length, spec.schedule.eps)
-            ids, _, entropy = candidates(denoise(model, xa, spec, times, ma, ctx), ctx)
+            logp = filter_logits(denoise(model, xa, spec, times, ma, ctx),
+                                 temperature=ctx.temperature, top_k=ctx.top_k, top_p=ctx.top_p,
+                                 dtype=ctx.dtype or DEFAULT_DTYPE)
             calls += 1
-            proposal = xa.clone()
-            proposal[ma] = ids
+            entropy = torch.special.entr(logp.exp()).sum(-1)  # nats; excluded ids (p = 0) add 0
             ent = torch.full(xa.shape, math.inf, dtype=entropy.dtype, device=x.device)
             ent[ma] = entropy
             order = ent.argsort(dim=1, stable=True)  # lowest entropy first, masked before the rest
@@ -116,7 +109,10 @@ class EntropyBoundedSampler:
             need = (left[rows] + (steps - step) - 1) // (steps - step)  # ⌈left / steps left⌉
             keep_sorted = is_cand & ((below <= bound) | (rank < need.unsqueeze(1)))
             keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-            x[rows] = torch.where(keep, proposal, xa)
+            xa[keep] = sample_categorical(logp[keep[ma]], ctx.generator,  # row-major, as xa[keep]
+                                          greedy=ctx.temperature == 0,
+                                          dtype=ctx.dtype or DEFAULT_DTYPE)
+            x[rows] = xa
         return SampleResult(x, detail={"steps": calls, "max_steps": steps,
                                        "entropy_bound": bound})
 
@@ -191,7 +187,7 @@ class BlockSampler:
                 if not cand.any():
                     break  # every row finished this block early (threshold)
                 times = row_times(masked, ctx.length, spec.schedule.eps)
-                ids, logp, _ = candidates(denoise(model, x, spec, times, cand, ctx), ctx)
+                ids, logp = draw(denoise(model, x, spec, times, cand, ctx), ctx)
                 calls += 1
                 proposal, confidence = x.clone(), torch.full(x.shape, -math.inf,
                                                              dtype=logp.dtype, device=x.device)
