@@ -1,8 +1,11 @@
 """The autoregressive baseline: next-token cross-entropy, scored by exact negative log-likelihood.
 
-Evaluation reproduces the parameter-golf protocol (non-overlapping ``seq_len`` windows) and adds
-sliding windows (``--stride S``: the first window scores all its targets, each later window only its
-last S, so every target is scored exactly once with at least ``seq_len - S`` tokens of context).
+Evaluation reproduces the parameter-golf protocol (``nll``: non-overlapping ``seq_len`` windows)
+and adds sliding windows (``--stride S``, ``nll_sliding``: the first window scores all its
+targets, each later window only its last S, so every target is scored exactly once with at least
+``seq_len - S`` tokens of context) and document-isolated windows (``--opt doc_isolated=true``,
+``nll_doc``, :mod:`lmkit.builtin.ar_documents`). Each metric names its context protocol
+(:mod:`lmkit.core.contexts`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmkit.builtin.ar_documents import document_isolated_nll
 from lmkit.core.bpb import Metric
+from lmkit.core.contexts import NON_OVERLAPPING, sliding
 from lmkit.core.trunk import ModelConfig, Transformer
 from lmkit.errors import LmkitError
 from lmkit.protocols import Batch, EvalContext, LossOutput, TokenSpec
@@ -26,6 +31,7 @@ class AROptions:
 @dataclass
 class AREvalOptions:
     stride: int = 0  # sliding-window stride for the extra `nll_sliding` metric (0 = off)
+    doc_isolated: bool = False  # also `nll_doc`: each document scored with only its own tokens
 
 
 def token_nats(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,6 +70,8 @@ class ARObjective:
             if not 0 < stride <= ctx.seq_len:
                 raise LmkitError(f"--stride must be between 1 and seq_len ({ctx.seq_len})")
             metrics.append(self._windows(model, ctx, stride=stride))
+        if ctx.options.doc_isolated and ctx.purpose == "eval":
+            metrics.append(document_isolated_nll(model, ctx))
         return metrics
 
     def _windows(self, model: Transformer, ctx: EvalContext, stride: int) -> Metric:
@@ -76,6 +84,7 @@ class ARObjective:
         if stride == 0:
             windows = [(i * seq, seq) for i in range(n_targets // seq)]
             name, detail = "nll", {"estimator": "exact NLL, non-overlapping windows",
+                                   "protocol": NON_OVERLAPPING,
                                    "seq_len": seq, "windows": len(windows),
                                    "unscored_tail_tokens": n_targets - len(windows) * seq}
         else:
@@ -85,6 +94,7 @@ class ARObjective:
                 windows.append((end - seq, end - scored_to))
                 scored_to = end
             name, detail = "nll_sliding", {"estimator": "exact NLL, sliding windows",
+                                           "protocol": sliding(stride),
                                            "seq_len": seq, "stride": stride,
                                            "windows": len(windows)}
         meter = ctx.meter(name, "exact", detail)

@@ -15,6 +15,7 @@ from lmkit import __version__
 from lmkit.core import evalstore, runs
 from lmkit.core.bpb import Metric
 from lmkit.core.build import CallCounter
+from lmkit.core.contexts import UNSTATED, protocol_of
 from lmkit.core.device import resolve_device
 from lmkit.errors import LmkitError
 from lmkit.protocols import EvalContext
@@ -41,7 +42,10 @@ class Scoring:
 
 
 def run_evaluation(model: torch.nn.Module, objective: Any, ctx: EvalContext) -> list[Metric]:
-    """``objective.evaluate`` in eval mode without gradients; every result must be a Metric."""
+    """``objective.evaluate`` in eval mode without gradients; every result must be a Metric.
+
+    A metric whose detail names no context protocol gets ``"protocol": "unstated"``
+    (:mod:`lmkit.core.contexts`): said, not guessed."""
     was_training = model.training
     model.eval()
     try:
@@ -52,6 +56,8 @@ def run_evaluation(model: torch.nn.Module, objective: Any, ctx: EvalContext) -> 
     for m in metrics:
         if not isinstance(m, Metric):
             raise TypeError(f"objective {objective.name!r} returned {type(m).__name__}, not Metric")
+        if protocol_of(m) == UNSTATED:
+            m.detail = {**m.detail, "protocol": UNSTATED}
     return metrics
 
 
