@@ -4,7 +4,8 @@ Training: t ~ U(0, 1) per sequence, mask each token with probability t, loss = m
 over the masked tokens; the bidirectional trunk gets no time input. The submission's reported
 figure, the mean over t ∈ {0.1, 0.3, 0.5, 0.7, 0.9} of ``loss_t / t``, is reproduced as
 ``recon_score`` with ``kind: score``: dividing by t where the ELBO would not makes it neither a
-likelihood nor a bound. The same model also gets the valid bounds and the exact chain rule.
+likelihood nor a bound. The same model also gets the valid bounds and the exact chain rule, and
+with ``--opt seed_figures=true`` PR #1241's and #1403's figures (:mod:`lmkit.builtin.seed_figures`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmkit.builtin.seed_figures import figure_steps, seed_figures
 from lmkit.core.bpb import Metric
 from lmkit.core.masking import (
     RNG_DESCRIPTION,
@@ -20,14 +22,12 @@ from lmkit.core.masking import (
     common_detail,
     eval_rows,
     evaluate_masked,
-    keyed_uniforms,
     mask_tokens,
     masked_nats,
     masked_spec,
-    row_batches,
-    row_bytes,
     training_rows,
 )
+from lmkit.core.masking.fixed import STDERR_METHOD, fixed_time_ce, weighted_mean_score
 from lmkit.core.trunk import ModelConfig, Transformer
 from lmkit.errors import LmkitError
 from lmkit.protocols import Batch, EvalContext, LossOutput, TokenSpec
@@ -43,6 +43,7 @@ class MaskReconOptions:
 @dataclass
 class MaskReconEvalOptions(MaskedEvalOptions):
     recon_score: bool = True  # PR #1596's figure (kind: score)
+    seed_figures: bool = False  # also PR #1241's and #1403's figures (kind: score), see docs
 
 
 class MaskReconObjective:
@@ -70,9 +71,13 @@ class MaskReconObjective:
         return LossOutput(nats.sum() / masked.sum().clamp(min=1))
 
     def evaluate(self, model: Transformer, ctx: EvalContext) -> list[Metric]:
-        metrics = evaluate_masked(model, ctx, self.spec)
-        if ctx.purpose == "eval" and ctx.options.recon_score:
+        if ctx.purpose != "eval":
+            return evaluate_masked(model, ctx, self.spec)
+        metrics = evaluate_masked(model, ctx, self.spec, figure_steps(ctx.options))
+        if ctx.options.recon_score:
             metrics.append(self.recon_score(model, ctx))
+        if ctx.options.seed_figures:
+            metrics += seed_figures(model, ctx, self.spec, metrics)
         return metrics
 
     def recon_score(self, model: Transformer, ctx: EvalContext) -> Metric:
@@ -89,42 +94,17 @@ class MaskReconObjective:
         if len(rows) < 2:
             raise LmkitError("recon_score needs at least 2 sequences; raise --max-tokens")
         seed, stream = ctx.seed, "recon_score"
-        seq = rows.positions.size(1)
-        ce = torch.zeros(len(RECON_TIMES), len(rows), dtype=torch.float64)
-        count = torch.zeros(len(RECON_TIMES), len(rows), dtype=torch.float64)
-        tokens = torch.zeros(len(rows), dtype=torch.long)
-        bytes_ = torch.zeros(len(rows), dtype=torch.long)
         meter = ctx.meter("recon_score", "score", {
             "estimator": "PR #1596: mean over t of (mean masked cross-entropy at rate t) / t",
+            "figure_of": "PR #1596", "reported_as": "val_bpb", "beside": "nelbo_mc",
             "times": list(RECON_TIMES), "seed": seed, "rng": RNG_DESCRIPTION, "stream": stream,
-            "note": "a score, not a likelihood or a bound: the ELBO weights the masked "
-                    "cross-entropy sum by 1/t, not its mean",
-            "stderr_method": "delta method of the ratio of sums, rows as independent units",
+            "note": "a score, not a bpb: not a likelihood or a bound, because the ELBO weights "
+                    "the masked cross-entropy sum by 1/t, not its mean, and integrates over "
+                    "all of t",
+            "stderr_method": STDERR_METHOD,
             **common_detail(spec, rows),
         })
-        for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device):
-            n = rb.x0.size(0)
-            r = slice(rb.start, rb.start + n)
-            u = keyed_uniforms(seed, stream, range(r.start, r.stop), len(RECON_TIMES), seq,
-                               ctx.device)
-            for i, t in enumerate(RECON_TIMES):
-                masked = (u[:, i] < t) & rb.maskable
-                xt = torch.where(masked, torch.full_like(rb.x0, spec.mask_id), rb.x0)
-                with ctx.autocast():
-                    nats = masked_nats(model, xt, rb.x0, masked, None)
-                ce[i, r] = nats.double().sum(dim=1).cpu()
-                count[i, r] = masked.sum(dim=1).double().cpu()
-            tokens[r] = rb.maskable.sum(dim=1).cpu()
-            bytes_[r] = row_bytes(ctx, rb).cpu()
-        times = torch.tensor(RECON_TIMES, dtype=torch.float64)
-        totals = count.sum(dim=1).clamp(min=1)
-        ratio = ce.sum(dim=1) / totals                      # mean masked CE at each t
-        score = (ratio / times).mean()                      # nats per token
-        # linearised per-row contributions: they sum to 0, their spread is the score's
-        z = ((ce - ratio[:, None] * count) / (totals * times)[:, None]).mean(dim=0)
-        m = len(rows)
-        var_per_token = z.pow(2).sum() * m / (m - 1)
-        n_tokens = tokens.sum().double()
-        meter.add_estimate((score * n_tokens).view(1), (var_per_token * n_tokens**2).view(1),
-                           bytes_.sum().view(1), tokens.sum().view(1))
-        return meter.metric()
+        fc = fixed_time_ce(model, ctx, spec, rows, times=RECON_TIMES, rates=RECON_TIMES,
+                           stream=stream, seed=seed)
+        weights = [1.0 / (len(RECON_TIMES) * t) for t in RECON_TIMES]
+        return weighted_mean_score(meter, fc, weights)

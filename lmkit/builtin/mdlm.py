@@ -8,12 +8,15 @@ Monte-Carlo NELBO with that weight (t stratified over [ε, 1] across the batch, 
 Evaluation reports the continuous and discrete-time bounds and the exact chain rule (see
 :mod:`lmkit.core.masking`). In document mode (``options.documents``) each training row packs
 the documents of its window, each attending only to itself: no padding, every token trained on.
+``--opt seed_figures=true`` adds PR #1241's and #1403's own figures
+(:mod:`lmkit.builtin.seed_figures`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmkit.builtin.seed_figures import figure_steps, seed_figures
 from lmkit.core.bpb import Metric
 from lmkit.core.masking import (
     MaskedEvalOptions,
@@ -30,6 +33,11 @@ from lmkit.protocols import Batch, EvalContext, LossOutput, TokenSpec
 
 
 @dataclass
+class MDLMEvalOptions(MaskedEvalOptions):
+    seed_figures: bool = False  # also PR #1241's and #1403's figures (kind: score), see docs
+
+
+@dataclass
 class MDLMOptions:
     eps: float = 1e-3          # log-linear schedule: alpha(t) = 1 - (1 - eps) t
     time_cond: bool = True     # AdaLN conditioning on sigma(t) (off: a time-agnostic denoiser)
@@ -43,7 +51,7 @@ class MDLMObjective:
     special_tokens: tuple[str, ...] = ("MASK", "PAD")
     capabilities = ("masked",)  # exposes a MaskedSpec as `spec`: the masked samplers serve it
     Options = MDLMOptions
-    EvalOptions = MaskedEvalOptions
+    EvalOptions = MDLMEvalOptions
 
     def __init__(self, options: MDLMOptions, tokens: TokenSpec):
         self.options = options
@@ -66,4 +74,9 @@ class MDLMObjective:
         return LossOutput(loss)
 
     def evaluate(self, model: Transformer, ctx: EvalContext) -> list[Metric]:
-        return evaluate_masked(model, ctx, self.spec)
+        if ctx.purpose != "eval":
+            return evaluate_masked(model, ctx, self.spec)
+        metrics = evaluate_masked(model, ctx, self.spec, figure_steps(ctx.options))
+        if ctx.options.seed_figures:
+            metrics += seed_figures(model, ctx, self.spec, metrics)
+        return metrics

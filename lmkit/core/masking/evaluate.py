@@ -39,8 +39,10 @@ class MaskedEvalOptions:
     chain_order: str = "strided"  # "strided" (call j: positions j, j+s, ...) or "left_to_right"
 
 
-def evaluate_masked(model: torch.nn.Module, ctx: Any, spec: MaskedSpec) -> list[Metric]:
-    """The likelihood metrics every masked denoiser gets, over one set of rows (same tokens)."""
+def evaluate_masked(model: torch.nn.Module, ctx: Any, spec: MaskedSpec,
+                    steps: list[int] | None = None) -> list[Metric]:
+    """The likelihood metrics every masked denoiser gets, over one set of rows (same tokens).
+    ``steps``: the T of the discrete bounds, instead of ``--opt steps``."""
     opts: MaskedEvalOptions = ctx.options
     rows = eval_rows(ctx.val_tokens, ctx.seq_len, spec)
     if ctx.purpose == "validation":
@@ -52,7 +54,7 @@ def evaluate_masked(model: torch.nn.Module, ctx: Any, spec: MaskedSpec) -> list[
     check_design(opts.samples, opts.replicates)
     if opts.chain_k:
         chain_groups(ctx.seq_len, opts.chain_k, opts.chain_order)  # fail before any work
-    steps = parse_steps(opts.steps)
+    steps = parse_steps(opts.steps) if steps is None else steps
     n_batches = math.ceil(len(rows) / ctx.batch_size)
     total = n_batches * (1 + len(steps) + (1 if opts.chain_k else 0))
     done = 0

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmkit.core.contexts import DOCUMENT_ISOLATED, NON_OVERLAPPING
 from lmkit.core.masking.process import MaskedSpec, free_information, masked_nats
 from lmkit.errors import LmkitError
 
@@ -97,8 +98,10 @@ def row_bytes(ctx: Any, rb: RowBatch) -> Tensor:
 
 
 def common_detail(spec: MaskedSpec, rows: EvalRows) -> dict[str, Any]:
-    """What every masked metric's value depends on besides the model and the estimator."""
+    """What every masked metric's value depends on besides the model and the estimator, led
+    by its context protocol: contiguous rows of the stream, or document-isolated rows."""
     return {
+        "protocol": DOCUMENT_ISOLATED if spec.documents else NON_OVERLAPPING,
         "sequences": len(rows), "seq_len": rows.positions.size(1),
         "free_information": free_information(spec), "bos_given": spec.anchor_bos,
         "documents": spec.documents, "padding_slots": rows.padding(),
