@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lmkit.core.contexts import protocol_of
 from lmkit.core.kinds import format_metric, legend
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress and logs
@@ -147,14 +148,15 @@ def metrics_table(result: dict[str, Any], details: bool = False) -> Table:
     step = result["checkpoint"]["step"]
     table = Table(title=f"{result['objective']} · {result['run']} · step {step}",
                   caption="\n".join(legend(result["metrics"])), caption_justify="left")
-    for col in ("metric", "value", "tokens", "bytes", "estimator"):
+    for col in ("metric", "value", "tokens", "bytes", "protocol", "estimator"):
         table.add_column(col, justify="right" if col in ("tokens", "bytes") else "left",
                          no_wrap=col != "estimator")
     for m in result["metrics"]:
         d = m["detail"]
         estimator = (", ".join(f"{k}={v}" for k, v in d.items()) if details
                      else d.get("estimator", ""))
-        table.add_row(m["name"], metric_cell(m), f"{m['tokens']:,}", f"{m['bytes']:,}", estimator)
+        table.add_row(m["name"], metric_cell(m), f"{m['tokens']:,}", f"{m['bytes']:,}",
+                      protocol_of(m), estimator)
     return table
 
 
@@ -215,19 +217,15 @@ def compare_tables(entries: list[Any], baseline: str | None = None) -> list[Any]
     for e in entries:
         runs_table.add_row(*core.headline_cells(e),
                            *[str(e.extra.get(c, "")) for c in extra_cols])
-    units = {m["name"]: m["unit"] for e in entries for m in e.metrics}
     metrics = Table(title="validation metrics (bpb: same tokens, exact LUT bytes)",
-                    caption="\n".join(legend([m for e in entries for m in e.metrics])),
+                    caption="\n".join(legend([m for e in entries for m in e.metrics])
+                                      + core.protocol_lines(entries)),
                     caption_justify="left")
-    metrics.add_column("metric")
+    metrics.add_column("metric (unit; context protocol)")
     for e in entries:
         metrics.add_column(e.name, justify="right", no_wrap=True)
-    for name in core.metric_names(entries):
-        row = []
-        for e in entries:
-            by = {m["name"]: m for m in e.metrics}
-            row.append(core.cell(by.get(name)))
-        metrics.add_row(f"{name} ({units[name]})", *row)
+    for column in core.metric_columns(entries):
+        metrics.add_row(column.header, *[core.cell(column.pick(e)) for e in entries])
     tables: list[Any] = [runs_table, metrics]
     summary = core.seed_summary(entries)
     if summary:
@@ -238,7 +236,8 @@ def compare_tables(entries: list[Any], baseline: str | None = None) -> list[Any]
         for r in summary:
             rms = f"±{r['stderr_rms']:.4f}" if r["stderr_rms"] is not None else "-"
             note = f" ({r['note']})" if r["note"] else ""
-            seeds.add_row(r["objective"], f"{r['metric']} ({r['unit']})", str(r["n"]),
+            seeds.add_row(r["objective"], f"{r['metric']} ({r['unit']}; {r['protocol']})",
+                          str(r["n"]),
                           core.fmt_mean_std(r) + note, rms)
         tables.append(seeds)
     tests = core.baseline_tests(entries, baseline)

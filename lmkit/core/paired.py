@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lmkit.core.contexts import protocol_of
+
 LN2 = math.log(2.0)
 
 # what must be equal for two estimates to have used the same draws on the same units
@@ -26,6 +28,7 @@ def same_draws(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two metric records were estimated from the same draws on the same tokens."""
     da, db = a.get("detail") or {}, b.get("detail") or {}
     return (a["name"] == b["name"] and a["tokens"] == b["tokens"] and a["bytes"] == b["bytes"]
+            and protocol_of(a) == protocol_of(b)
             and all(k in da and da.get(k) == db.get(k) for k in SAME_DRAWS))
 
 

@@ -8,6 +8,14 @@ t-test of each objective's primary metric against a baseline's (:mod:`lmkit.core
 
 from __future__ import annotations
 
+from lmkit.core.compare.columns import (  # noqa: F401
+    Column,
+    metric_columns,
+    protocol_conflicts,
+    protocol_lines,
+    seed_figure_lines,
+    seed_figure_rows,
+)
 from lmkit.core.compare.entry import (  # noqa: F401
     CompareObserver,
     Entry,

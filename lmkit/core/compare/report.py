@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from lmkit.core import atomic, runs
-from lmkit.core.compare.entry import Entry, metric_names
+from lmkit.core.compare.columns import (
+    metric_columns,
+    protocol_conflicts,
+    protocol_lines,
+    seed_figure_lines,
+    seed_figure_rows,
+)
+from lmkit.core.compare.entry import Entry
 from lmkit.core.compare.seeds import (
     baseline_tests,
     budget_basis,
@@ -18,6 +25,7 @@ from lmkit.core.compare.seeds import (
     seed_lines,
     seed_summary,
 )
+from lmkit.core.contexts import protocol_note, protocol_of
 from lmkit.core.kinds import (
     KIND_MARKS,
     KIND_NOTES,
@@ -86,6 +94,10 @@ def to_json(entries: list[Entry], extra: dict[str, Any] | None = None,
             "tok_s": e.tok_s, "budget": e.budget, "metrics": e.metrics, "warnings": e.warnings,
             **e.extra,
         } for e in entries],
+        "columns": [c.to_dict() for c in metric_columns(entries)],
+        "protocols": {c.protocol: protocol_note(c.protocol) for c in metric_columns(entries)},
+        "protocol_conflicts": protocol_conflicts(entries),
+        "seed_figures": seed_figure_rows(entries),
         "paired": paired_rows(entries),
         "seeds": seed_summary(entries),
         "baseline": {"objective": tests[0]["baseline"], "tests": tests} if tests else None,
@@ -122,7 +134,7 @@ def sanity_check(entries: list[Entry]) -> None:
                             f"{m['name']} {format_metric(m)} beats {ref.name}'s exact "
                             f"{r['name']} {format_metric(r)} on the same {r['tokens']:,} tokens "
                             "at a similar size: a masked model beating AR is a bug until "
-                            "proven otherwise")
+                            "proven otherwise" + protocol_clause(m, r))
         exact = [m for m in mine if m["kind"] == "exact"]
         for b in (m for m in mine if m["kind"] == "upper_bound"):
             for x in exact:
@@ -130,7 +142,15 @@ def sanity_check(entries: list[Entry]) -> None:
                     e.warnings.append(
                         f"upper bound {b['name']} {format_metric(b)} is below this run's exact "
                         f"code length {x['name']} {format_metric(x)} on the same tokens: the "
-                        "bound is broken, or the exact code is a looser, different code")
+                        "bound is broken, or the exact code is a looser, different code"
+                        + protocol_clause(b, x))
+
+
+def protocol_clause(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """`` (context protocols differ: …)`` when two compared metrics were not scored alike."""
+    pa, pb = protocol_of(a), protocol_of(b)
+    return "" if pa == pb else (f" (context protocols differ: {a['name']} {pa} vs {b['name']} "
+                                f"{pb}, so context explains part of the gap)")
 
 
 def headline_cells(e: Entry) -> list[str]:
@@ -145,24 +165,24 @@ def to_markdown(entries: list[Entry], title: str = "lmkit compare",
                 baseline: str | None = None) -> str:
     """The comparison as markdown (report.md): one row per run, then the across-seed tables."""
     label_entries(entries)
-    names = metric_names(entries)
+    columns = metric_columns(entries)
     extra_cols = sorted({k for e in entries for k in e.extra if isinstance(e.extra[k], str)})
-    units = {m["name"]: m["unit"] for e in entries for m in e.metrics}
-    header = HEADLINE + [f"{n} ({units[n]})" for n in names] + extra_cols
+    header = HEADLINE + [c.header for c in columns] + extra_cols
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
     for e in entries:
-        by = {m["name"]: m for m in e.metrics}
-        row = headline_cells(e) + [cell(by.get(n)) for n in names] + [str(e.extra.get(c, ""))
-                                                                 for c in extra_cols]
+        row = headline_cells(e) + [cell(c.pick(e)) for c in columns] + [
+            str(e.extra.get(c, "")) for c in extra_cols]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", *[f"* {note}" for note in legend([m for e in entries for m in e.metrics],
                                                    markdown=True)]]
+    lines += [f"* {note}" for note in protocol_lines(entries, markdown=True)]
     first = entries[0].metrics[0] if entries and entries[0].metrics else None
     if first:
         lines.append(f"* Every metric is scored over {first['tokens']:,} validation tokens "
                      f"({first['bytes']:,} bytes) unless its JSON `tokens` says otherwise.")
     lines.append(f"* Budget: {budget_basis(comparison_budget(entries))}.")
+    lines += seed_figure_lines(entries)
     lines += seed_lines(entries, baseline)
     lines += paired_lines(paired_rows(entries))
     flagged = [(e, w) for e in entries for w in e.warnings]
@@ -174,17 +194,17 @@ def to_markdown(entries: list[Entry], title: str = "lmkit compare",
 def to_csv(entries: list[Entry]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    names = metric_names(entries)
+    columns = metric_columns(entries)
     writer.writerow(["objective", "seed", "params", "tokens", "train_seconds", "tok_s",
-                     *[f"{n}_{k}" for n in names for k in ("kind", "value", "stderr")]])
+                     *[f"{c.key}_{k}" for c in columns
+                       for k in ("kind", "value", "stderr", "protocol")]])
     for e in entries:
-        by = {m["name"]: m for m in e.metrics}
         row = [e.objective, "" if e.seed is None else e.seed, e.params, e.tokens,
                round(e.train_seconds, 3), round(e.tok_s, 1) if e.tok_s else ""]
-        for n in names:
-            m = by.get(n)
-            row += [m["kind"], m["value"], "" if m["stderr"] is None else m["stderr"]] if m \
-                else ["", "", ""]
+        for c in columns:
+            m = c.pick(e)
+            row += [m["kind"], m["value"], "" if m["stderr"] is None else m["stderr"],
+                    c.protocol] if m else ["", "", "", ""]
         writer.writerow(row)
     return buf.getvalue()
 

@@ -7,8 +7,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lmkit.core.compare.entry import Entry, metric_names
+from lmkit.core.compare.columns import metric_columns
+from lmkit.core.compare.entry import Entry
 from lmkit.core.compare.training import REUSABLE_DIFFERENCES, config_difference
+from lmkit.core.contexts import protocol_of
 from lmkit.core.kinds import (
     KIND_MARKS,
     has_free_information,
@@ -70,10 +72,25 @@ def several_seeds(entries: list[Entry]) -> bool:
     return any(len(g.entries) > 1 for g in seed_groups(entries))
 
 
-def _values(group: SeedGroup, name: str) -> list[dict[str, Any]] | None:
-    """The metric ``name`` of every run of the group (None unless all of them have it)."""
-    found = [next((m for m in e.metrics if m["name"] == name), None) for e in group.entries]
+def _values(group: SeedGroup, name: str, protocol: str | None = None
+            ) -> list[dict[str, Any]] | None:
+    """The metric ``name`` (under ``protocol``, when given) of every run of the group (None
+    unless all of them have it)."""
+    found = [next((m for m in e.metrics if m["name"] == name
+                   and (protocol is None or protocol_of(m) == protocol)), None)
+             for e in group.entries]
     return None if any(m is None for m in found) else found  # type: ignore[return-value]
+
+
+def _baseline_metric(base: SeedGroup, mine: dict[str, Any]) -> dict[str, Any]:
+    """The baseline metric a row's primary metric is tested against: the baseline's primary
+    when it has the same context protocol, else its first metric of that protocol and unit,
+    else its primary (the test then says the protocols differ)."""
+    primary = base.entries[0].metrics[0]
+    if protocol_of(primary) == protocol_of(mine):
+        return primary
+    return next((m for m in base.entries[0].metrics if protocol_of(m) == protocol_of(mine)
+                 and m["unit"] == mine["unit"]), primary)
 
 
 def seed_summary(entries: list[Entry]) -> list[dict[str, Any]]:
@@ -84,8 +101,9 @@ def seed_summary(entries: list[Entry]) -> list[dict[str, Any]]:
         return []
     rows = []
     for g in seed_groups(entries):
-        for name in metric_names(g.entries):
-            found = _values(g, name)
+        for column in metric_columns(g.entries):
+            name = column.name
+            found = _values(g, name, column.protocol)
             if found is None:
                 continue
             values = [m["value"] for m in found]
@@ -94,7 +112,8 @@ def seed_summary(entries: list[Entry]) -> list[dict[str, Any]]:
             errs = [m.get("stderr") for m in found]
             rms = (math.sqrt(math.fsum(x * x for x in errs) / len(errs))
                    if all(isinstance(x, (int, float)) for x in errs) else None)
-            rows.append({"objective": g.objective, "metric": name, "kind": found[0]["kind"],
+            rows.append({"objective": g.objective, "metric": name, "protocol": column.protocol,
+                         "kind": found[0]["kind"],
                          "unit": found[0]["unit"], "n": len(values), "seeds": g.seeds,
                          "values": values, "mean": mean, "std": std, "stderr_rms": rms,
                          "tokens": found[0]["tokens"],
@@ -136,14 +155,18 @@ def baseline_tests(entries: list[Entry], baseline: str | None) -> list[dict[str,
     for g in groups.values():
         if g is base or not g.entries[0].metrics or not base.entries[0].metrics:
             continue
-        mine = _values(g, g.entries[0].metrics[0]["name"])
-        theirs = _values(base, base.entries[0].metrics[0]["name"])
+        primary = g.entries[0].metrics[0]
+        against = _baseline_metric(base, primary)
+        mine = _values(g, primary["name"], protocol_of(primary))
+        theirs = _values(base, against["name"], protocol_of(against))
         if mine is None or theirs is None:
             continue
         m, b = mine[0], theirs[0]
         row: dict[str, Any] = {
             "objective": g.objective, "baseline": base_name, "metric": m["name"],
             "kind": m["kind"], "baseline_metric": b["name"], "baseline_kind": b["kind"],
+            "protocol": protocol_of(m), "baseline_protocol": protocol_of(b),
+            "same_protocol": protocol_of(m) == protocol_of(b),
             "unit": m["unit"], "n": len(mine), "baseline_n": len(theirs),
             "seeds": g.seeds, "baseline_seeds": base.seeds,
             "mean": None, "baseline_mean": None, "difference": None, "t": None, "df": None,
@@ -185,6 +208,10 @@ def test_statement(row: dict[str, Any], m: dict[str, Any], b: dict[str, Any]) ->
             f"{row['baseline_metric']} ({_kind_words(row['baseline_kind'])}, {b['unit']}); "
             f"H1: {row['objective']}'s mean is lower (better); n = {row['n']} vs "
             f"{row['baseline_n']} seeds")
+    if not row["same_protocol"]:
+        text += (f"; the context protocols differ ({row['protocol']} vs "
+                 f"{row['baseline_protocol']}): the difference mixes the objective with the "
+                 "context each target saw")
     if row["p"] is None:
         return text + f"; p = null: {row['reason']}"
     return text + f"; t = {row['t']:.3f}, df = {row['df']:.2f}, p = {row['p']:.4g}"
@@ -230,7 +257,9 @@ def fmt_mean_std(r: dict[str, Any]) -> str:
 def fmt_test(r: dict[str, Any]) -> list[str]:
     """The cells of a :func:`baseline_tests` row: tested, difference, t, df, p."""
     tested = (f"{r['metric']} ({KIND_MARKS[r['kind']].strip()}) vs {r['baseline']} "
-              f"{r['baseline_metric']} ({KIND_MARKS[r['baseline_kind']].strip()})")
+              f"{r['baseline_metric']} ({KIND_MARKS[r['baseline_kind']].strip()})"
+              + ("" if r["same_protocol"] else f" — context protocols differ ({r['protocol']} "
+                                               f"vs {r['baseline_protocol']})"))
     diff = f"{r['difference']:+.4f}" if r["difference"] is not None else "-"
     if r["p"] is None:
         return [tested, diff, "-", "-", f"null: {r['reason']}"]
@@ -259,8 +288,9 @@ def seed_lines(entries: list[Entry], baseline: str | None) -> list[str]:
     for r in summary:
         rms = f"±{r['stderr_rms']:.4f}" if r["stderr_rms"] is not None else "-"
         note = f" ({r['note']})" if r["note"] else ""
-        lines.append(f"| {r['objective']} | {r['metric']} ({r['unit']}) | {r['n']} | "
-                     f"{','.join(map(str, r['seeds']))} | {fmt_mean_std(r)}{note} | {rms} |")
+        lines.append(f"| {r['objective']} | {r['metric']} ({r['unit']}; {r['protocol']}) | "
+                     f"{r['n']} | {','.join(map(str, r['seeds']))} | {fmt_mean_std(r)}{note} "
+                     f"| {rms} |")
     lines += ["", f"* {SEEDS_NOTE}."]
     tests = baseline_tests(entries, baseline)
     if tests:
