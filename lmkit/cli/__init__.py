@@ -28,6 +28,7 @@ from lmkit.cli.options import (
     Finite,
     bounded,
     objective_options,
+    parse_opts,
     scoring_options,
 )
 from lmkit.errors import LmkitError
@@ -304,6 +305,10 @@ def parse_seeds(text: str) -> list[int]:
               help="Test every other objective's primary metric against this one's (one-sided "
                    "Welch t-test on per-seed values) [default: ar when present and some "
                    "objective has several seeds; `none`: no test].")
+@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
+              help="An evaluation option, given to every objective that declares KEY "
+                   "(repeatable), e.g. --opt seed_figures=true (mdlm, maskrecon) or --opt "
+                   "doc_isolated=true (ar, mtp).")
 @click.option("--force", is_flag=True, help="Compare runs whose data or tokenizer differ.")
 @click.option("--pack", "with_pack", is_flag=True,
               help="Also pack each run (int6 GPTQ/LZMA) and report artifact bytes and round trip.")
@@ -315,8 +320,8 @@ def parse_seeds(text: str) -> list[int]:
 @click.option("--csv", "fmt", flag_value="csv", help="Print the comparison as CSV.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, seconds, seed,
-            device, config_file, sets, loggers, out, max_tokens, seed_list, baseline, force,
-            with_pack, gen, fmt, quiet) -> None:
+            device, config_file, sets, loggers, out, max_tokens, seed_list, baseline, opts,
+            force, with_pack, gen, fmt, quiet) -> None:
     """One honest table across objectives: trained fresh (--objectives) or existing RUN_DIRs.
 
     Every cell states its kind — `=` exact, `≤` upper bound (± standard error), `score` — and
@@ -328,11 +333,17 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
     only in seed) it adds each metric's mean ± sample std across seeds beside the rms of the
     runs' own stderrs, and tests each objective's primary metric against --baseline's.
 
+    Every metric column names its context protocol (non_overlapping, sliding(S),
+    document_isolated, ...); one name scored under two protocols gets two columns. With
+    --opt seed_figures=true, report.md shows what the seed submissions would have printed
+    beside the honest bound.
+
     \b
     Examples:
       lmkit compare --objectives ar,mdlm,maskrecon --preset tiny --steps 30 --max-tokens 4096 --md
       lmkit compare --objectives ar,mdlm --seeds 1,2,3 --preset tiny --steps 30 --max-tokens 4096
       lmkit compare runs/ar-small runs/mdlm-small --json
+      lmkit compare runs/ar-small runs/mdlm-small --opt seed_figures=true --opt doc_isolated=true
     """
     from lmkit.cli.display import CompareDisplay, compare_tables
     from lmkit.core import compare as core
@@ -343,7 +354,8 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
         out=out, preset=preset,
         flags=budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer, loggers),
         sets=tuple(sets), max_tokens=max_tokens, force=force, pack=with_pack, gen=gen,
-        seeds=parse_seeds(seed_list) if seed_list is not None else None, baseline=baseline)
+        seeds=parse_seeds(seed_list) if seed_list is not None else None, baseline=baseline,
+        eval_opts=parse_opts(opts))
     display = CompareDisplay(quiet=quiet or fmt is not None)
     try:
         out, entries, files = core.run_comparison(

@@ -73,4 +73,6 @@ from lmkit.core.compare.training import (  # noqa: F401
     config_difference,
     default_compare_dir,
     ensure_curve,
+    eval_option_names,
+    eval_options_for,
 )

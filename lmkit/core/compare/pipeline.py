@@ -10,7 +10,13 @@ from typing import Any
 from lmkit.core.compare.entry import CompareObserver, Entry
 from lmkit.core.compare.report import cell, sanity_check, write_report
 from lmkit.core.compare.seeds import label_entries, resolve_baseline
-from lmkit.core.compare.training import compare_objectives, compare_runs, default_compare_dir
+from lmkit.core.compare.training import (
+    compare_objectives,
+    compare_runs,
+    default_compare_dir,
+    eval_options_for,
+)
+from lmkit.core.registry import get_objective
 from lmkit.errors import LmkitError
 
 
@@ -57,7 +63,9 @@ class CompareRequest:
     preset, flags and ``--set`` (only the objective differs), once per seed of ``seeds``; then
     optional packing and generation columns, written to ``out`` (default: a new
     comparisons/<timestamp>). ``baseline``: the objective the others are tested against
-    (``none``: no test; default: ``ar`` when present and some objective has several seeds)."""
+    (``none``: no test; default: ``ar`` when present and some objective has several seeds).
+    ``eval_opts``: ``--opt key=value`` evaluation options, each given to the objectives that
+    declare it."""
 
     run_dirs: list[Path] = field(default_factory=list)
     objectives: list[str] = field(default_factory=list)
@@ -71,6 +79,7 @@ class CompareRequest:
     gen: bool = False
     seeds: list[int] | None = None
     baseline: str | None = None
+    eval_opts: dict[str, Any] = field(default_factory=dict)
 
 
 def run_comparison(request: CompareRequest, observer: CompareObserver | None = None,
@@ -91,16 +100,21 @@ def run_comparison(request: CompareRequest, observer: CompareObserver | None = N
         raise LmkitError(f"--baseline {r.baseline} is not one of --objectives "
                          f"{','.join(r.objectives)}")
     if r.objectives:
+        for name in r.objectives:
+            get_objective(name)  # a typo fails before the options are matched to objectives
         out, entries = compare_objectives(r.objectives, out=r.out, preset=r.preset,
                                           flags=r.flags, sets=r.sets, max_tokens=r.max_tokens,
-                                          seeds=r.seeds, observer=observer, log=log)
+                                          seeds=r.seeds, observer=observer, log=log,
+                                          eval_options=eval_options_for(r.objectives,
+                                                                        r.eval_opts))
     else:
         out = r.out or default_compare_dir()
         if (Path(out) / "compare.json").exists():
             raise LmkitError(f"{out} already holds a comparison (compare.json); choose another "
                              "--out or omit it for a new comparisons/<timestamp>")
         entries = compare_runs(r.run_dirs, force=r.force, max_tokens=r.max_tokens,
-                               device=r.flags.get("train.device") or "auto", observer=observer)
+                               device=r.flags.get("train.device") or "auto",
+                               eval_opts=r.eval_opts, observer=observer)
     if r.pack:
         add_pack_columns(entries, log=log)
     if r.gen:

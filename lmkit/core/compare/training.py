@@ -110,7 +110,7 @@ def compare_objectives(
         observer.on_phase(i, len(plans), label, "eval", None)
         entry = _evaluated_entry(run_dir, observer, reuse=action == "reuse",
                                  max_tokens=max_tokens, device=cfg.train.device,
-                                 options=(eval_options or {}).get(name))
+                                 options=(eval_options or {}).get(name) or None)
         entries.append((objectives.index(name) * len(plans) + i, entry))
     return out, [e for _, e in sorted(entries, key=lambda x: x[0])]
 
@@ -170,6 +170,26 @@ def _run_plan(run_dir: Path, cfg: Any) -> str:
 CURVE_POINTS = 8
 
 
+def eval_option_names(objective: str) -> set[str]:
+    """The evaluation options (``--opt`` keys) an objective declares."""
+    cls = get_objective(objective).obj.EvalOptions
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def eval_options_for(objectives: list[str], opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``lmkit compare --opt key=value``: each objective gets the keys its evaluation options
+    declare (e.g. ``seed_figures`` goes to mdlm and maskrecon, not to ar). A key no objective
+    of the comparison declares is an error, not silently dropped."""
+    declared = {name: eval_option_names(name) for name in dict.fromkeys(objectives)}
+    for key in opts:
+        if not any(key in names for names in declared.values()):
+            raise LmkitError(f"--opt {key}: no objective of this comparison "
+                             f"({', '.join(declared)}) has that evaluation option; see "
+                             "docs/api.md for each objective's options")
+    return {name: {k: v for k, v in opts.items() if k in names}
+            for name, names in declared.items()}
+
+
 def ensure_curve(cfg: Any) -> None:
     """Validate often enough for a curve of about CURVE_POINTS points."""
     t = cfg.train
@@ -205,14 +225,16 @@ def check_comparable(run_dirs: list[Path], force: bool) -> None:
 
 
 def compare_runs(run_dirs: list[Path], *, force: bool = False, max_tokens: int | None = None,
-                 device: str = "auto",
+                 device: str = "auto", eval_opts: dict[str, Any] | None = None,
                  observer: CompareObserver | None = None) -> list[Entry]:
     observer = observer or NullCompareObserver()
     check_comparable(run_dirs, force)
+    metas = [runs.read_run_meta(d) for d in run_dirs]
+    options = eval_options_for([m["objective"] for m in metas], eval_opts or {})
     entries = []
-    for i, d in enumerate(run_dirs):
-        meta = runs.read_run_meta(d)
+    for i, (d, meta) in enumerate(zip(run_dirs, metas, strict=True)):
         observer.on_phase(i, len(run_dirs), meta["objective"], "eval", None)
         entries.append(_evaluated_entry(Path(d), observer, reuse=True, max_tokens=max_tokens,
-                                        device=device))
+                                        device=device,
+                                        options=options[meta["objective"]] or None))
     return entries
