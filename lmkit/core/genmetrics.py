@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lmkit.core import runs
 from lmkit.core.bpb import BpbMeter, Metric
+from lmkit.core.contexts import OWN_SAMPLES
 from lmkit.core.device import resolve_device
 from lmkit.core.generate import can_judge, sample_loaded
 from lmkit.core.sampling import DEFAULT_DTYPE
@@ -129,7 +130,7 @@ def generation_metrics(run: runs.Run | str | Path, judge: runs.Run | str | Path,
         log(f"sampled {len(samples)} × {len(samples[0]['token_ids'])} tokens with "
             f"{samples[0]['sampler']}; judging with {judge.path}")
     rows = torch.tensor([s["prompt_ids"] + s["token_ids"] for s in samples], device=dev)
-    base = {"sampler": samples[0]["sampler"], "samples": len(samples),
+    base = {"protocol": OWN_SAMPLES, "sampler": samples[0]["sampler"], "samples": len(samples),
             "length": len(samples[0]["token_ids"]), "prompt_tokens": len(samples[0]["prompt_ids"]),
             "seed": seed, "steps": samples[0]["detail"].get("steps"),
             "temperature": request.get("temperature", 1.0), "judge": str(judge.path),
