@@ -89,3 +89,23 @@ def test_windows_tile_the_stream_and_rows_pack_them():
     assert sum(n for _, n, _ in windows) == val.numel() - 1
     assert pack_windows(windows, 4) == [[0], [1], [2], [3]]
     assert pack_windows(windows, 8) == [[0, 1], [2, 3]]
+
+
+def test_nll_doc_bytes_and_nats_agree_under_random_luts(tiny_data, tmp_path):
+    """Under a context-free probe whose nats are 0.5·bytes(t) + A per target, nll_doc's nats
+    must equal 0.5·(its bytes) + A·(its tokens) for random per-id byte LUTs: its bytes are
+    exactly those of the targets it scored."""
+    from lmkit.core.evaluate import run_evaluation
+    from lmkit.testing import ObjectiveHarness
+
+    h = ObjectiveHarness("ar", tiny_data, tmp_path)
+    for seed in (3, 4):
+        lut = h.random_lut(seed)  # no leading spaces: the probe prices base bytes
+        ctx = h.setup.eval_context(h.val_tokens.clone(), purpose="eval", lut=lut,
+                                   options={"doc_isolated": True}, batch_size=4)
+        with h.probe(lut) as probe:
+            doc = next(m for m in run_evaluation(h.model, h.objective, ctx)
+                       if m.name == "nll_doc")
+        assert doc.tokens == h.val_tokens.numel() - 1
+        nats = doc.value * math.log(2) * doc.bytes
+        assert nats == pytest.approx(0.5 * doc.bytes + probe.A * doc.tokens, rel=1e-5)
