@@ -9,23 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from lmkit.builtin.ar_documents import document_windows, pack_windows
-from lmkit.core.config import resolve_config
 from lmkit.core.data import load_val_tokens, open_data
-from lmkit.core.evaluate import evaluate_loaded
-from lmkit.core.runs import load_run
-from lmkit.core.train import train
-
-FAST = ["train.seq_len=32", "train.batch_tokens=256", "train.log_every=2",
-        "train.val_tokens=256", "train.dtype=fp32"]
+from lmkit.core.evaluate import run_evaluation
+from lmkit.testing import ObjectiveHarness
 
 
 @pytest.fixture(scope="module")
-def ar_run(tiny_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ar_doc") / "run"
-    cfg = resolve_config(preset="tiny", flags={"train.steps": 4, "data.path": str(tiny_data)},
-                         sets=FAST)
-    train(cfg, open_data(tiny_data), run_dir)
-    return run_dir
+def ar(tiny_data, tmp_path_factory):
+    """A tiny AR model as `lmkit train` builds it, its zero-initialised layers woken so that
+    its outputs depend on context."""
+    return ObjectiveHarness("ar", tiny_data, tmp_path_factory.mktemp("ar_doc"))
+
+
+def evaluate(h, val, options, lut=None):
+    ctx = h.setup.eval_context(val, purpose="eval", options=options, batch_size=3, lut=lut)
+    return {m.name: m.to_dict() for m in run_evaluation(h.model, h.objective, ctx)}
 
 
 def planted_stream(tiny_data, bos: int) -> torch.Tensor:
@@ -60,14 +58,12 @@ def per_document_reference(model, val: torch.Tensor, bos: int, seq: int, lut):
     return nats, scored, nbytes
 
 
-def test_nll_doc_equals_a_hand_computed_per_document_nll(tiny_data, ar_run):
-    run = load_run(ar_run, "cpu")
-    bos, seq = run.tokens.bos_id, run.cfg.train.seq_len
+def test_nll_doc_equals_a_hand_computed_per_document_nll(tiny_data, ar):
+    bos, seq = ar.tokens.bos_id, ar.seq_len
     val = planted_stream(tiny_data, bos)
-    result = evaluate_loaded(run, val_tokens=val, options={"doc_isolated": True}, batch_size=3)
-    by = {m["name"]: m for m in result["metrics"]}
+    by = evaluate(ar, val, {"doc_isolated": True})
     doc = by["nll_doc"]
-    nats, scored, nbytes = per_document_reference(run.model.eval(), val, bos, seq, run.lut)
+    nats, scored, nbytes = per_document_reference(ar.model.eval(), val, bos, seq, ar.setup.lut)
     # every target once: the next document's BOS is the last target of the one before it
     assert sorted(scored) == list(range(1, val.numel()))
     assert doc["tokens"] == len(scored) and doc["bytes"] == nbytes
@@ -76,8 +72,9 @@ def test_nll_doc_equals_a_hand_computed_per_document_nll(tiny_data, ar_run):
     assert doc["detail"]["long_documents"] == 5 and doc["detail"]["documents"] == 9
     # context matters: the same targets under the stream's windows score differently
     assert by["nll"]["detail"]["protocol"] == "non_overlapping"
-    cross = evaluate_loaded(run, val_tokens=val, options={"stride": seq}, batch_size=3)
-    assert not math.isclose(cross["metrics"][1]["value"], doc["value"], rel_tol=1e-6)
+    cross = evaluate(ar, val, {"stride": seq})["nll_sliding"]
+    assert cross["tokens"] == doc["tokens"] and cross["bytes"] == doc["bytes"]
+    assert not math.isclose(cross["value"], doc["value"], rel_tol=1e-6)
 
 
 def test_windows_tile_the_stream_and_rows_pack_them():
@@ -91,14 +88,11 @@ def test_windows_tile_the_stream_and_rows_pack_them():
     assert pack_windows(windows, 8) == [[0, 1], [2, 3]]
 
 
-def test_nll_doc_bytes_and_nats_agree_under_random_luts(tiny_data, tmp_path):
+def test_nll_doc_bytes_and_nats_agree_under_random_luts(ar):
     """Under a context-free probe whose nats are 0.5·bytes(t) + A per target, nll_doc's nats
     must equal 0.5·(its bytes) + A·(its tokens) for random per-id byte LUTs: its bytes are
     exactly those of the targets it scored."""
-    from lmkit.core.evaluate import run_evaluation
-    from lmkit.testing import ObjectiveHarness
-
-    h = ObjectiveHarness("ar", tiny_data, tmp_path)
+    h = ar
     for seed in (3, 4):
         lut = h.random_lut(seed)  # no leading spaces: the probe prices base bytes
         ctx = h.setup.eval_context(h.val_tokens.clone(), purpose="eval", lut=lut,
