@@ -17,24 +17,13 @@ from typing import Any
 
 from lmkit.core import atomic, jsonfile, runs
 from lmkit.core.artifact import load_artifact, read_artifact
+from lmkit.core.contexts import protocol_of
 from lmkit.core.evaluate import artifact_entry, evaluate_loaded, evaluate_run
 from lmkit.core.pack import Recipe, quantize_and_write
 from lmkit.core.record import layout
 from lmkit.errors import LmkitError
 
 Log = Callable[[str], None] | None
-
-
-def metric_protocol(m: dict[str, Any]) -> str:
-    """The context protocol a metric states in its ``detail`` (``protocol``), or what its detail
-    says about it, marked as not stated."""
-    detail = m.get("detail") or {}
-    stated = detail.get("protocol")
-    if stated is not None:
-        return stated if isinstance(stated, str) else jsonfile.dumps(stated, sort_keys=True)
-    parts = [str(detail["estimator"])] if detail.get("estimator") else []
-    parts += [f"{k} {detail[k]}" for k in ("seq_len", "stride") if k in detail]
-    return "not stated by the metric" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def log_figures(records: list[dict[str, Any]], where: str) -> dict[str, Any]:
@@ -127,7 +116,7 @@ def seed_entry(seed: int, env: dict[str, Any], log_records: list[dict[str, Any]]
     quant, pre_value = _number(head["value"]), _number(pre["value"])
     metrics = [{"name": m["name"], "kind": m["kind"], "value": _number(m["value"]),
                 "unit": m["unit"], "stderr": m["stderr"], "tokens": m["tokens"],
-                "bytes": m["bytes"], "protocol": metric_protocol(m),
+                "bytes": m["bytes"], "protocol": protocol_of(m),
                 "pre_quant_value": _number(next((b["value"] for b in before["metrics"]
                                                  if b["name"] == m["name"]), None))}
                for m in after["metrics"]]
@@ -139,7 +128,7 @@ def seed_entry(seed: int, env: dict[str, Any], log_records: list[dict[str, Any]]
         "artifact": f"{sub}/{artifact.name}",
         "artifact_bytes": artifact.stat().st_size,
         "metric": head["name"], "kind": head["kind"], "unit": head["unit"],
-        "protocol": metric_protocol(head),
+        "protocol": protocol_of(head),
         "val_bpb": quant, "quantized_val_bpb": quant, "pre_quant_val_bpb": pre_value,
         "quantization_penalty": None if quant is None or pre_value is None else quant - pre_value,
         "val_bpb_stderr": head["stderr"],
