@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-TIMING = {"seconds", "tok_s", "mfu", "eta_s"}
+TIMING = {"seconds", "train_seconds", "val_seconds", "clock_seconds", "tok_s", "mfu", "eta_s"}
 
 
 def _env(threads: int) -> dict[str, str]:
