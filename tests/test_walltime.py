@@ -101,9 +101,9 @@ def test_priming_trains_nothing(tiny_data, tmp_path):
     end bitwise where a run without them ends, and the log is the same."""
     data = open_data(tiny_data)
     plain, primed = tmp_path / "plain", tmp_path / "primed"
-    train(cfg_of(tiny_data, {"train.steps": 5}, ["objective=mdlm"]), data, plain)
-    summary = train(cfg_of(tiny_data, {"train.steps": 5}, ["objective=mdlm",
-                                                           "train.prime_steps=3"]), data, primed)
+    train(cfg_of(tiny_data, {"train.steps": 4}, ["objective=mdlm"]), data, plain)
+    summary = train(cfg_of(tiny_data, {"train.steps": 4}, ["objective=mdlm",
+                                                           "train.prime_steps=2"]), data, primed)
     assert summary["prime_seconds"] > 0
     for name in ("model.safetensors", "optim.safetensors"):
         a, b = (load_file(str(d / "checkpoint" / name)) for d in (plain, primed))

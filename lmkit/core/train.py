@@ -269,8 +269,13 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
     start_step = step
 
     step_model = torch.compile(model) if t.compile else model
-    prime_seconds = prime(t.prime_steps, lambda i: train_step(setup, step_model, optimizers,
-                                                               loader, accum, step + i),
+    # The time budget's clock: where the last step was scheduled to end (lmkit.core.plan), so
+    # the step that reaches the cap runs at the schedule's floor and is the last.
+    clock_seconds = float(state.get("clock_seconds", train_seconds)) if resume else train_seconds
+    to_train = budget.progress(step, tokens_seen, clock_seconds) < 1.0
+    prime_seconds = prime(t.prime_steps if to_train else 0,
+                          lambda i: train_step(setup, step_model, optimizers, loader, accum,
+                                               step + i),
                           model, optimizers, loader)
     n_params = count_params(model)
     flops_tok = flops_per_token(model.cfg, n_params, t.seq_len, data.vocab_size)
@@ -312,10 +317,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
     model.train()
     window_t0 = last_ckpt = time.perf_counter()
     last_val: list[dict[str, Any]] = []
-    # The time budget's clock: where the last step was scheduled to end (lmkit.core.plan), so
-    # the step that reaches the cap runs at the schedule's floor and is the last.
-    pace = Pace()
-    clock_seconds = float(state.get("clock_seconds", train_seconds)) if resume else train_seconds
+    pace = Pace()  # recent step times: how far the next step moves the clock
     while budget.progress(step, tokens_seen, clock_seconds) < 1.0:
         t0 = time.perf_counter()
         scheduled = train_seconds + pace.estimate()  # where this step is predicted to end
