@@ -306,12 +306,13 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
 
     def checkpoint() -> None:
         nonlocal ckpt_step, last_ckpt
+        average = {} if ema is None else {"ema": ema.state_dict()}
         save_checkpoint(run_dir, model, optimizers, {
             "step": step, "tokens": tokens_seen, "seconds": train_seconds,
             "trained_tokens": trained_tokens, "loader": loader.state_dict(),
             "log_window": dataclasses.asdict(window), "val_seconds": val_seconds,
             "clock_seconds": clock_seconds,
-        }, ema=None if ema is None else ema.state_dict())
+        }, **average)
         ckpt_step, last_ckpt = step, time.perf_counter()
 
     model.train()
