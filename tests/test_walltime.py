@@ -12,7 +12,7 @@ from lmkit.core import runs
 from lmkit.core import train as train_mod
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_data
-from lmkit.core.plan import Budget, Pace, budget_done, lr_multiplier
+from lmkit.core.plan import Budget, Pace, budget_done, lr_multiplier, scheduled_end
 from lmkit.core.train import train
 from lmkit.errors import LmkitError
 
@@ -32,6 +32,18 @@ def test_pace_is_the_mean_of_the_recent_steps():
     for seconds in (1.0, 2.0, 3.0, 10.0):
         pace.add(seconds)
     assert pace.estimate() == pytest.approx((2.0 + 3.0 + 10.0) / 3)
+
+
+def test_a_step_ending_within_half_a_step_of_the_cap_is_scheduled_at_it():
+    pace = Pace()
+    for _ in range(4):
+        pace.add(1.0)
+    cap = Budget(0, 0, 10.0)
+    assert scheduled_end(cap, 5.0, pace) == 6.0  # well before the cap: the predicted end
+    assert scheduled_end(cap, 8.4, pace) == pytest.approx(9.4)  # the next one ends nearer
+    assert scheduled_end(cap, 8.6, pace) == 10.0  # 0.4 before; the next would be 0.6 past
+    assert scheduled_end(cap, 9.5, pace) == 10.5  # past the cap: its predicted end
+    assert scheduled_end(Budget(100, 0, 0.0), 99.0, pace) == 100.0  # no time cap: no snapping
 
 
 def test_budget_done_counts_the_scheduled_clock():

@@ -4,7 +4,8 @@ budget with the learning-rate schedule that spends it.
 With a time budget (``--time``, the parameter-golf rule) the schedule is a function of the
 elapsed fraction of the cap: the warmdown ends at the cap. The fraction a step is scheduled at is
 where that step is predicted to *end* (training seconds so far plus the recent mean step time,
-:class:`Pace`), so the step predicted to reach the cap runs at the floor and is the last one.
+:class:`Pace`; :func:`scheduled_end`), so the step predicted to reach the cap runs at the floor
+and is the last one.
 """
 
 from __future__ import annotations
@@ -64,6 +65,18 @@ class Pace:
     def estimate(self) -> float:
         """Predicted seconds of the next step (0 before the first one: nothing is known)."""
         return sum(self._recent) / len(self._recent) if self._recent else 0.0
+
+
+def scheduled_end(budget: Budget, seconds: float, pace: Pace) -> float:
+    """The training clock a step is scheduled to end at: ``seconds`` so far plus the predicted
+    step. A step predicted to end within half a step of the time cap is scheduled at the cap, so
+    it runs at the floor and is the last: the next one would end further past the cap than this
+    one ends before it. Stopping is thus within about half a step of the cap."""
+    step = pace.estimate()
+    end = seconds + step
+    if budget.seconds and end + step / 2 >= budget.seconds:
+        return max(end, budget.seconds)
+    return end
 
 
 def budget_done(budget: Budget, state: dict[str, Any]) -> bool:

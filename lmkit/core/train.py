@@ -36,7 +36,12 @@ from lmkit.core.ema import WeightEMA, ema_weights
 from lmkit.core.evaluate import run_evaluation
 from lmkit.core.optim import build_optimizers, set_schedule
 from lmkit.core.perf import measure_peak_flops
-from lmkit.core.plan import Budget, Pace, lr_multiplier  # noqa: F401  (re-exported)
+from lmkit.core.plan import (  # noqa: F401  (Budget, lr_multiplier: re-exported)
+    Budget,
+    Pace,
+    lr_multiplier,
+    scheduled_end,
+)
 from lmkit.core.prime import prime
 from lmkit.core.runlock import LOCK_FILE, RunLock
 from lmkit.core.trunk import count_params, flops_per_token
@@ -321,7 +326,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
     pace = Pace()  # recent step times: how far the next step moves the clock
     while budget.progress(step, tokens_seen, clock_seconds) < 1.0:
         t0 = time.perf_counter()
-        scheduled = train_seconds + pace.estimate()  # where this step is predicted to end
+        scheduled = scheduled_end(budget, train_seconds, pace)  # where this step should end
         progress = budget.progress(step, tokens_seen, scheduled)
         mult = lr_multiplier(step, progress, t.warmup_steps, t.warmdown_frac)
         set_schedule(optimizers, cfg.optim, step, mult)
