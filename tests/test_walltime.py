@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from lmkit.core import runs
 from lmkit.core import train as train_mod
+from lmkit.core.checkpoint import read_state
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_data
 from lmkit.core.plan import Budget, Pace, budget_done, lr_multiplier, scheduled_end
@@ -138,3 +140,15 @@ def test_bad_time_options_are_one_line_errors(tiny_data):
     for bad in ("train.prime_steps=-1", "train.ema=1.0", "train.ema=-0.5", "train.ema=nan"):
         with pytest.raises(LmkitError, match=bad.split("=")[0]):
             cfg_of(tiny_data, {"train.steps": 2}, [bad])
+
+
+def test_damaged_clocks_in_a_checkpoint_are_one_line_errors(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    train(cfg_of(tiny_data, {"train.steps": 1}), open_data(tiny_data), run_dir)
+    path = run_dir / "checkpoint" / "state.json"
+    good = json.loads(path.read_text())
+    assert good["val_seconds"] > 0 and good["clock_seconds"] >= 0
+    for bad in ("x", -1.0, True, None):
+        path.write_text(json.dumps({**good, "clock_seconds": bad}))
+        with pytest.raises(LmkitError, match="clock_seconds"):
+            read_state(run_dir)

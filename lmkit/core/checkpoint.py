@@ -18,6 +18,7 @@ one without changing anything; the trainer, which holds the run's lock, promotes
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -41,6 +42,7 @@ OPTIM_FILE = "optim.safetensors"
 EMA_FILE = "ema.safetensors"
 FORMAT = "lmkit-checkpoint/1"
 STATE_KEYS = ("step", "tokens", "seconds", "loader", "optimizers")
+OPTIONAL_SECONDS = ("val_seconds", "clock_seconds")
 
 
 def _flatten_optimizer(i: int, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -220,6 +222,12 @@ def read_state(run_dir: Path, ckpt: Path | None = None) -> dict[str, Any]:
     if lacking:
         raise LmkitError(f"{path} is incomplete (no {', '.join(lacking)}); restore the checkpoint "
                          f"or train the run again")
+    for key in OPTIONAL_SECONDS:  # newer clocks; absent in older checkpoints
+        value = state.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
+            raise LmkitError(f"{path}: {key} is {value!r}, not a number of seconds; it is "
+                             "damaged: restore the checkpoint or train the run again")
     return state
 
 
