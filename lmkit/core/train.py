@@ -10,6 +10,12 @@ SIGINT/SIGTERM; one process per run directory (:mod:`lmkit.core.runlock`); a non
 gradient norm stops the run before anything damaged is saved. ``python -m
 lmkit.core.bench.killtest`` SIGKILLs a run at random moments and checks it still ends bitwise
 equal to the uninterrupted run.
+
+Wall-clock runs: with ``train.time`` each step is scheduled at the fraction of the cap where it is
+predicted to end, so the last step runs at the LR floor (:mod:`lmkit.core.plan`); the clock counts
+training steps only (validation has its own, ``val_seconds``); ``train.prime_steps`` warm up
+before it starts and are undone (:mod:`lmkit.core.prime`). ``train.ema`` keeps an fp32 average of
+the weights that validation (and eval, pack, sample) score (:mod:`lmkit.core.ema`).
 """
 
 from __future__ import annotations
