@@ -15,6 +15,7 @@ from lmkit.core.checkpoint import read_state
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_data
 from lmkit.core.plan import Budget, Pace, budget_done, lr_multiplier, scheduled_end
+from lmkit.core.prime import prime
 from lmkit.core.train import train
 from lmkit.errors import LmkitError
 
@@ -75,7 +76,8 @@ def test_time_cap_stops_at_the_cap_with_lr_at_the_floor_and_validation_excluded(
     monkeypatch.setattr(train_mod, "run_evaluation", slow_first_evaluation)
     cap, warmdown = 3.0, 0.5
     cfg = cfg_of(tiny_data, {"train.time": cap},
-                 ["train.val_every=1", "train.prime_steps=2", f"train.warmdown_frac={warmdown}"])
+                 ["train.val_every=1", "train.val_tokens=64", "train.prime_steps=2",
+                  f"train.warmdown_frac={warmdown}"])
     run_dir = tmp_path / "run"
     t0 = time.perf_counter()
     summary = train(cfg, open_data(tiny_data), run_dir)
@@ -115,9 +117,8 @@ def test_priming_trains_nothing(tiny_data, tmp_path):
     end bitwise where a run without them ends, and the log is the same."""
     data = open_data(tiny_data)
     plain, primed = tmp_path / "plain", tmp_path / "primed"
-    train(cfg_of(tiny_data, {"train.steps": 4}, ["objective=mdlm"]), data, plain)
-    summary = train(cfg_of(tiny_data, {"train.steps": 4}, ["objective=mdlm",
-                                                           "train.prime_steps=2"]), data, primed)
+    train(cfg_of(tiny_data, {"train.steps": 4}), data, plain)
+    summary = train(cfg_of(tiny_data, {"train.steps": 4}, ["train.prime_steps=2"]), data, primed)
     assert summary["prime_seconds"] > 0
     for name in ("model.safetensors", "optim.safetensors"):
         a, b = (load_file(str(d / "checkpoint" / name)) for d in (plain, primed))
@@ -127,6 +128,34 @@ def test_priming_trains_nothing(tiny_data, tmp_path):
     strip = lambda d: [{k: v for k, v in r.items() if k not in TIMING}  # noqa: E731
                        for r in runs.read_metrics(d)]
     assert strip(plain) == strip(primed)
+
+
+def test_prime_restores_weights_optimizer_loader_and_rng():
+    class Loader:  # the RotatingLoader's state protocol
+        position = 0
+
+        def state_dict(self):
+            return {"position": self.position}
+
+        def load_state_dict(self, state):
+            self.position = state["position"]
+
+    torch.manual_seed(0)
+    model, loader = torch.nn.Linear(3, 2), Loader()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state())
+
+    def step(i):
+        loader.position += 10
+        model(torch.randn(4, 3)).square().sum().backward()  # draws from the RNG
+        opt.step()
+
+    seconds = prime(3, step, model, [opt], loader)
+    assert seconds > 0 and loader.position == 0 and not opt.state
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[0][key]), key
+    assert torch.equal(torch.get_rng_state(), before[1])
 
 
 def test_lr_multiplier_reaches_its_floor_at_the_cap():
