@@ -3,7 +3,8 @@
 The public API for plugin authors and scripts (documented in docs/api.md; stable: names are
 only ever added): ``hookimpl`` (decorate hook implementations), the protocols and data classes
 of :mod:`lmkit.protocols` (``Objective``, ``Batch``, ``LossOutput``, ``EvalContext``,
-``TokenSpec``, ``Sampler``, ``SampleContext``, ``SampleResult``), ``Metric`` / ``BpbMeter`` /
+``TokenSpec``, ``Sampler``, ``SampleContext``, ``SampleResult``, ``Logger``,
+``LoggerContext``), ``Metric`` / ``BpbMeter`` /
 ``ByteLUT`` (what ``EvalContext.meter`` and ``EvalContext.lut`` are), the trunk
 (``ModelConfig``, ``Transformer``), ``load_run``, ``LmkitError``, ``Tokenizer``, the shared
 masked-diffusion helpers of :mod:`lmkit.core.masking` (``MaskedSpec``, ``masked_spec``,
@@ -29,6 +30,8 @@ _LAZY = {
     "Sampler": "lmkit.protocols",
     "SampleContext": "lmkit.protocols",
     "SampleResult": "lmkit.protocols",
+    "Logger": "lmkit.protocols",
+    "LoggerContext": "lmkit.protocols",
     "Metric": "lmkit.core.bpb",
     "BpbMeter": "lmkit.core.bpb",
     "ByteLUT": "lmkit.core.bpb",

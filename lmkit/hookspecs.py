@@ -39,5 +39,15 @@ def register_corpora(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def register_loggers(register: Callable[[Any], None]) -> None:
+    """Register metric sinks for ``lmkit train --log NAME``: ``register(LoggerClass)``.
+
+    The class has ``name`` and ``description``, is instantiated as ``cls(ctx)`` with a
+    :class:`lmkit.protocols.LoggerContext` and follows :class:`lmkit.protocols.Logger`
+    (``log(record)`` with every ``metrics.jsonl`` record, then ``close()``).
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add click commands to the ``lmkit`` CLI group: ``@cli.command() def mine(): ...``."""

@@ -1,4 +1,5 @@
-"""The stable surface plugin authors write against: objectives, samplers and what they receive.
+"""The stable surface plugin authors write against: objectives, samplers, loggers and what they
+receive.
 
 An objective turns a batch of token windows into a training loss, and a validation stream into
 per-token nats; core turns those nats into bits per byte with the exact byte LUT, so no objective
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -203,4 +205,45 @@ class Sampler(Protocol):
 
     def sample(self, model: Transformer, ctx: SampleContext) -> SampleResult:
         """Generate ``ctx.num`` sequences of ``ctx.length`` tokens after ``ctx.prompt``."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoggerContext:
+    """What a logger is opened with, once per training run (resumed runs included).
+
+    ``run_dir`` is the run directory (write files under it, e.g. ``RUN/tensorboard/``);
+    ``config`` the resolved run config as stored in ``run.json`` (``objective``, ``preset``,
+    ``model``, ``optim``, ``train``, ``data``, ``options``); ``resumed_at`` the step a resumed
+    run continues from (None for a fresh run), so a tracker can continue its own run.
+    """
+
+    run_dir: Path
+    config: dict[str, Any]
+    resumed_at: int | None = None
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """A metric sink, registered as a class through ``register_loggers`` and selected with
+    ``lmkit train --log NAME`` (config key ``train.log``).
+
+    Class attributes: ``name``, ``description``. The host instantiates it as ``cls(ctx)`` with a
+    :class:`LoggerContext` before the first step (raise :class:`~lmkit.errors.LmkitError` there
+    when a library is missing, naming what to install), calls ``log(record)`` with every record
+    ``metrics.jsonl`` receives, in order (a copy of the JSON object: ``type`` is ``"train"`` or
+    ``"val"``, with ``step`` and ``tokens``), and ``close()`` once when training ends, however it
+    ends. ``metrics.jsonl`` stays the authoritative log: a logger that raises is dropped for the
+    rest of the run with one warning, and the run goes on.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Receive one record, exactly as written to ``metrics.jsonl``."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release whatever the logger holds."""
         ...

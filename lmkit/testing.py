@@ -34,7 +34,7 @@ from lmkit.core.bpb import METRIC_KINDS, ByteLUT, Metric, metric_unit
 from lmkit.core.build import CallCounter, Setup, build
 from lmkit.core.data import ListCorpus, load_val_tokens, open_data, prepare_data
 from lmkit.core.evaluate import evaluate_run, make_eval_context, run_evaluation
-from lmkit.core.generate import served_by
+from lmkit.core.generate import sampler_options, served_by
 from lmkit.core.registry import get_registry
 from lmkit.core.runs import load_run
 from lmkit.core.train import train
@@ -555,56 +555,89 @@ def _sampler_check(fn: SamplerCheck) -> SamplerCheck:
     return fn
 
 
+def option_sets(sampler_cls: type) -> list[dict[str, Any]]:
+    """The ``--opt`` settings a sampler is checked under: its defaults, each of its
+    ``bench_variants`` and each of its ``bench_options`` (what ``lmkit bench sample`` runs)."""
+    out: list[dict[str, Any]] = [{}]
+    declared = [*(getattr(sampler_cls, "bench_variants", None) or {}).values(),
+                *(getattr(sampler_cls, "bench_options", None) or ())]
+    for opts in declared:
+        if dict(opts) not in out:
+            out.append(dict(opts))
+    return out
+
+
+def _with(options: dict[str, Any]) -> str:
+    return f" (with --opt {', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""
+
+
 def _sample(sampler_cls: type, h: ObjectiveHarness, seed: int, length: int = 12,
-            steps: int = 4) -> tuple[Any, torch.Tensor, int]:
+            steps: int = 4, options: dict[str, Any] | None = None) -> tuple[Any, torch.Tensor, int]:
     """(result, prompt, model calls) of one request, made the way ``lmkit sample`` makes it."""
     prompt = h.val_tokens[:3].clone()  # BOS + two tokens
-    options = sampler_cls.Options() if hasattr(sampler_cls, "Options") else None
+    sampler = sampler_cls()
+    opts = sampler_cls.Options() if hasattr(sampler_cls, "Options") else None
+    if options:
+        try:
+            opts = sampler_options(sampler, options)
+        except LmkitError as exc:
+            raise ContractError(f"its declared options{_with(options)} are refused: {exc}") \
+                from None
     ctx = SampleContext(
         objective=h.objective, tokens=h.tokens, prompt=prompt, num=2, length=length,
         steps=steps, context=h.seq_len, generator=torch.Generator().manual_seed(seed),
-        device=h.setup.device, autocast=h.setup.autocast, options=options,
+        device=h.setup.device, autocast=h.setup.autocast, options=opts,
     )
     h.model.eval()
     with CallCounter(h.model) as counter, torch.no_grad():
-        result = sampler_cls().sample(h.model, ctx)
+        result = sampler.sample(h.model, ctx)
     return result, prompt, counter.calls
 
 
 @_sampler_check
 def check_sample_shapes(sampler_cls: type, h: ObjectiveHarness) -> None:
     """``[num, P + length]`` int64 tokens that start with the prompt unchanged and are all real
-    vocabulary ids (never MASK/PAD/special); the model was called; a JSON-able detail."""
-    result, prompt, calls = _sample(sampler_cls, h, seed=0)
+    vocabulary ids (never MASK/PAD/special); the model was called; a JSON-able detail. Under the
+    default options and every declared option set (:func:`option_sets`)."""
+    for options in option_sets(sampler_cls):
+        _check_shapes(sampler_cls, h, options, _with(options))
+
+
+def _check_shapes(sampler_cls: type, h: ObjectiveHarness, options: dict[str, Any],
+                  where: str) -> None:
+    result, prompt, calls = _sample(sampler_cls, h, seed=0, options=options)
     tokens, length, p = result.tokens, 12, prompt.numel()
     expect(torch.is_tensor(tokens) and tokens.dtype == torch.int64,
-           f"tokens must be an int64 tensor, got {getattr(tokens, 'dtype', type(tokens))}")
+           f"tokens must be an int64 tensor, got {getattr(tokens, 'dtype', type(tokens))}{where}")
     expect(tuple(tokens.shape) == (2, p + length),
-           f"tokens have shape {tuple(tokens.shape)}, not (num, P + length) = (2, {p + length})")
+           f"tokens have shape {tuple(tokens.shape)}, not (num, P + length) = (2, {p + length})"
+           f"{where}")
     expect(torch.equal(tokens[:, :p].cpu(), prompt.expand(2, -1)),
-           "the samples do not start with the prompt unchanged")
+           f"the samples do not start with the prompt unchanged{where}")
     new = tokens[:, p:]
     expect(int(new.min()) >= 0 and int(new.max()) < h.tokens.vocab_size,
            f"sampled id {int(new.max())}: only real ids 0..{h.tokens.vocab_size - 1} may be "
-           "emitted (never MASK, PAD or other special ids)")
-    expect(calls >= 1, "the sampler never called the model")
+           f"emitted (never MASK, PAD or other special ids){where}")
+    expect(calls >= 1, f"the sampler never called the model{where}")
     try:
         json.dumps(result.detail)
     except (TypeError, ValueError) as exc:
-        raise ContractError(f"detail is not JSON-able: {exc}") from None
+        raise ContractError(f"detail is not JSON-able{where}: {exc}") from None
 
 
 @_sampler_check
 def check_sample_determinism(sampler_cls: type, h: ObjectiveHarness) -> None:
     """The same seed gives the same tokens whatever the global RNG (every draw comes from
-    ``ctx.generator``), and sampling changes no parameter."""
+    ``ctx.generator``), and sampling changes no parameter; under every declared option set."""
     params = {n: p.detach().clone() for n, p in h.model.named_parameters()}
-    torch.manual_seed(1)
-    a = _sample(sampler_cls, h, seed=3)[0]
-    torch.manual_seed(2)
-    b = _sample(sampler_cls, h, seed=3)[0]
-    expect(torch.equal(a.tokens, b.tokens), "the same seed gave different samples: draw every "
-                                            "random number from ctx.generator")
+    for options in option_sets(sampler_cls):
+        torch.manual_seed(1)
+        a = _sample(sampler_cls, h, seed=3, options=options)[0]
+        torch.manual_seed(2)
+        b = _sample(sampler_cls, h, seed=3, options=options)[0]
+        expect(torch.equal(a.tokens, b.tokens), "the same seed gave different samples"
+                                                f"{_with(options)}: draw every random number "
+                                                "from ctx.generator")
     changed = [n for n, p in h.model.named_parameters() if not torch.equal(p, params[n])]
     expect(not changed, f"sampling changed parameters: {', '.join(changed[:5])}")
 

@@ -48,7 +48,7 @@ def loads_or_lmkit_error(call) -> None:
 
 
 READERS = ["shards", "artifact", "run.json", "state.json", "metrics.jsonl", "config.toml",
-           "--set", "corpus.jsonl"]
+           "--set", "corpus.jsonl", "export config.json"]
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -67,6 +67,7 @@ RAW = {
     "metrics.jsonl": lambda data, tmp: fuzz.read_run_files(data, tmp, "metrics.jsonl"),
     "config.toml": fuzz.read_config,
     "corpus.jsonl": fuzz.read_corpus,
+    "export config.json": fuzz.read_export_files,
 }
 
 

@@ -72,7 +72,7 @@ def sample(run_dir, sampler, **kw):
 
 
 # -- determinism and the contract ------------------------------------------------------------------
-@pytest.mark.parametrize("sampler", ["ar", "ddpm", "confidence"])
+@pytest.mark.parametrize("sampler", ["ar", "ddpm", "confidence", "entropy_bounded", "block"])
 def test_same_seed_same_text(sampler, ar_run, mdlm_run):
     run = ar_run if sampler == "ar" else mdlm_run
     a, b = sample(run, sampler, seed=7), sample(run, sampler, seed=7)
@@ -98,7 +98,7 @@ def test_mask_and_pad_never_appear(mdlm_run, maskrecon_run):
     for run in (mdlm_run, maskrecon_run):
         special = set(load_run(run).tokens.special.values())
         assert special == {VOCAB, VOCAB + 1}
-        for sampler in ("ddpm", "ddpm_cache", "confidence"):
+        for sampler in ("ddpm", "ddpm_cache", "confidence", "entropy_bounded", "block"):
             for steps in (1, 5, 24):
                 out = sample(run, sampler, steps=steps, seed=steps)
                 flat = [i for row in ids(out) for i in row]
@@ -106,9 +106,26 @@ def test_mask_and_pad_never_appear(mdlm_run, maskrecon_run):
 
 
 def test_one_step_reveals_everything_at_once(mdlm_run):
-    for sampler in ("ddpm", "ddpm_cache", "confidence"):
+    for sampler in ("ddpm", "ddpm_cache", "confidence", "entropy_bounded", "block"):
         out = sample(mdlm_run, sampler, steps=1)
         assert out[0]["nfe"] == 1 and len(out[0]["token_ids"]) == 24
+
+
+def test_one_block_is_confidence_and_remasking_cache_is_exact(mdlm_run, maskrecon_run):
+    # a sigma-conditioned and a time-free model: block with one block draws and keeps exactly
+    # what confidence (linear) does; ddpm_cache stays exact under remasking
+    for run, kw in ((mdlm_run, {"temperature": 0.8, "top_k": 50}), (maskrecon_run, {})):
+        conf = sample(run, "confidence", steps=8, seed=1, **kw)
+        block = sample(run, "block", steps=8, seed=1, options={"block_size": 24}, **kw)
+        assert ids(block) == ids(conf) and block[0]["nfe"] == conf[0]["nfe"] == 8
+    split = sample(mdlm_run, "block", steps=8, options={"block_size": 6})
+    assert split[0]["detail"]["blocks"] == 4 and split[0]["nfe"] == 8
+    kw = dict(num=1, steps=48, seed=3)
+    plain = sample(mdlm_run, "ddpm", **kw, options={"remask": 0.05})
+    cached = sample(mdlm_run, "ddpm_cache", **kw, options={"remask": 0.05})
+    assert ids(cached) == ids(plain) and cached[0]["nfe"] < plain[0]["nfe"] == 48
+    assert plain[0]["detail"]["remasked"] == cached[0]["detail"]["remasked"] > 0
+    assert ids(plain) != ids(sample(mdlm_run, "ddpm", **kw))
 
 
 def test_kv_cached_ar_equals_uncached_token_for_token(ar_run):
@@ -148,7 +165,7 @@ def test_default_sampler_and_wrong_objective(ar_run, mdlm_run):
     with pytest.raises(LmkitError, match="--opt use_cahe: sampler ar has no such option; "
                                          "its options: use_cache"):
         sample(ar_run, "ar", options={"use_cahe": False})
-    with pytest.raises(LmkitError, match="--opt use_cache: .* none"):
+    with pytest.raises(LmkitError, match="--opt use_cache: .* its options: remask"):
         sample(mdlm_run, "ddpm", options={"use_cache": False})
 
 
@@ -351,12 +368,41 @@ def test_bench_sample_json_on_fresh_models():
     data = json.loads(result.stdout)
     ar, mdlm = data["groups"]
     assert [r["label"] for r in ar["rows"]] == ["ar (kv cache)", "ar (no cache)"]
-    assert [r["sampler"] for r in mdlm["rows"]] == ["ddpm", "ddpm_cache", "confidence"]
+    assert [r["label"] for r in mdlm["rows"]] == ["ddpm", "ddpm (remask=0.02)", "ddpm_cache",
+                                                  "confidence", "entropy_bounded", "block"]
     assert "freshly initialised" in ar["model"] and mdlm["steps"] == 32  # T = 4 x length
     assert all(ar["identical_tokens"].values()) and all(mdlm["identical_tokens"].values())
+    assert list(mdlm["identical_tokens"]) == ["ddpm == ddpm_cache"]  # not the remasking row
     assert ar["rows"][0]["speedup"] == 1.0 and [r["nfe"] for r in ar["rows"]] == [8, 8]
-    ddpm, cached, confidence = (r["nfe"] for r in mdlm["rows"])
-    assert ddpm == 32 and cached <= 2 * 8 and confidence == 8
+    ddpm, remask, cached, confidence, entropy_bounded, block = (r["nfe"] for r in mdlm["rows"])
+    assert ddpm == remask == 32 and cached <= 2 * 8 and confidence == block == 8
+    assert 1 <= entropy_bounded <= 8 and data["judge"] is None
+
+
+def test_bench_sample_judges_every_row_at_equal_nfe(mdlm_run, ar_run):
+    from lmkit.core.bench.sample import bench_sample
+
+    result = bench_sample([str(mdlm_run)], num=3, length=12, steps=6, repeats=1, device="cpu",
+                          judge=str(ar_run))
+    rows = {r["label"]: r for r in result["groups"][0]["rows"]}
+    assert result["judge"] == str(load_run(ar_run).path)
+    assert all(1 <= r["nfe"] <= 6 for r in rows.values())  # T = 6 <= length: at most T calls
+    exact = ("ddpm", "ddpm (remask=0.02)", "confidence", "block")
+    assert [rows[n]["nfe"] for n in exact] == [6] * 4
+    for name in ("entropy_bounded", "block"):
+        again = generation_metrics(mdlm_run, ar_run, name, num=3, length=12, steps=6, seed=0,
+                                   device="cpu")
+        assert rows[name]["gen_ppl"] == again[0].value  # the same samples, judged the same way
+        assert rows[name]["gen_entropy"] == again[1].value
+        assert rows[name]["gen_ppl_stderr"] == again[0].stderr
+    with pytest.raises(LmkitError, match="--judge scores trained runs"):
+        bench_sample(["mdlm"], preset="tiny", num=1, length=4, repeats=1, device="cpu",
+                     judge=str(ar_run))
+    args = ["--run", str(mdlm_run), "--judge", str(ar_run), "--num", "2", "--length", "4",
+            "--steps", "2", "--repeats", "1", "--device", "cpu"]
+    shown = CliRunner().invoke(bench_sample_command, args)
+    assert shown.exit_code == 0, shown.output
+    assert "gen-ppl" in shown.output and "judged by" in shown.output
 
 
 def test_eval_gen_keeps_the_generation_metrics_in_eval_json(ar_run, mdlm_run, capsys):

@@ -137,11 +137,13 @@ def test_builtin_samplers_declare_what_they_need_not_whom_they_serve():
     reg.load(entry_points=False)
     needs = {n: e.obj.requires for n, e in reg.entries["sampler"].items()}
     assert needs == {"ar": ("next_token",), "ddpm": ("masked",), "ddpm_cache": ("masked",),
-                     "confidence": ("masked",)}
+                     "confidence": ("masked",), "entropy_bounded": ("masked",),
+                     "block": ("masked",)}
     assert not any(hasattr(e.obj, "objectives") for e in reg.entries["sampler"].values())
     served = {n: served_by(e) for n, e in get_registry().entries["sampler"].items()
               if e.plugin == "lmkit.plugins.samplers"}
-    assert served == {"ar": ["ar", "mtp"], "ddpm": ["mdlm", "maskrecon"],
-                      "ddpm_cache": ["mdlm", "maskrecon"], "confidence": ["mdlm", "maskrecon"]}
+    masked = ["mdlm", "maskrecon"]
+    assert served == {"ar": ["ar", "mtp"], "ddpm": masked, "ddpm_cache": masked,
+                      "confidence": masked, "entropy_bounded": masked, "block": masked}
     assert all(e.plugin == "lmkit.plugins.samplers" for e in reg.entries["sampler"].values())
     assert resolve_sampler("maskrecon", None).name == "ddpm"

@@ -1,6 +1,6 @@
 """A third-party masked objective, written only against lmkit's public API, gets the built-in
-masked samplers (ddpm, ddpm_cache, confidence) and the shared estimators without any edit to
-the built-ins: samplers serve capabilities, not objective names."""
+masked samplers (ddpm, ddpm_cache, confidence, entropy_bounded, block) and the shared estimators
+without any edit to the built-ins: samplers serve capabilities, not objective names."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def halfmasked():
 
 def test_masked_samplers_serve_a_third_party_masked_objective(halfmasked):
     samplers = registry_mod.get_registry().entries["sampler"]
-    for name in ("ddpm", "ddpm_cache", "confidence"):
+    for name in ("ddpm", "ddpm_cache", "confidence", "entropy_bounded", "block"):
         assert "halfmasked" in served_by(samplers[name])
         assert resolve_sampler("halfmasked", name).name == name
     assert "halfmasked" not in served_by(samplers["ar"])
@@ -69,6 +69,6 @@ def test_masked_samplers_serve_a_third_party_masked_objective(halfmasked):
 @pytest.mark.slow
 def test_the_third_party_masked_objective_passes_every_contract(halfmasked, tiny_data, tmp_path):
     objective_contract("halfmasked", tiny_data, tmp_path / "o")
-    for name in ("ddpm", "ddpm_cache", "confidence"):
+    for name in ("ddpm", "ddpm_cache", "confidence", "entropy_bounded", "block"):
         assert sampler_contract(name, tiny_data, tmp_path / name,
                                 objectives=["halfmasked"]) == ["halfmasked"]

@@ -88,13 +88,34 @@ def check_steps(ctx: SampleContext) -> int:
     return ctx.steps
 
 
-def denoise(model: Transformer, x: Tensor, spec: MaskedSpec, t: float, where: Tensor,
+def masked_time(n_masked: int, length: int, eps: float) -> float:
+    """The time t at which the forward process masks ``n_masked`` of ``length`` tokens on average
+    (``1 − α(t) = (1−ε)t``), clipped to [ε, 1]: what a reveal-order sampler conditions on."""
+    return min(max(n_masked / length / (1 - eps), eps), 1.0)
+
+
+def denoise(model: Transformer, x: Tensor, spec: MaskedSpec, t: float | Tensor, where: Tensor,
             ctx: SampleContext) -> Tensor:
-    """One model call at time t; logits [n, V] of the positions in ``where`` only."""
-    cond = spec.cond(torch.full((x.size(0),), t, device=x.device))
+    """One model call at time t (one float, or one per row); logits [n, V] of the positions in
+    ``where`` only."""
+    times = t if torch.is_tensor(t) else torch.full((x.size(0),), t)
+    cond = spec.cond(times.to(device=x.device, dtype=torch.float32))
     with ctx.autocast():
         hidden = model.forward_hidden(x, cond)
         return model.logits(hidden[where])
+
+
+@dataclass
+class DDPMOptions:
+    remask: float = 0.0  # ReMDM-cap η: re-mask a revealed token with min(η, (1−α_s)/α_t) per step
+
+
+def check_remask(ctx: SampleContext) -> float:
+    eta = ctx.options.remask if ctx.options is not None else 0.0
+    if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):  # NaN fails both comparisons
+        raise LmkitError(f"--opt remask={eta}: the re-masking probability η must be between 0 "
+                         "and 1 (0 = plain ddpm; ReMDM uses small values such as 0.01)")
+    return float(eta)
 
 
 class DDPMSampler:
@@ -104,34 +125,61 @@ class DDPMSampler:
     from the model's x0 distribution; visible tokens stay. Per step the generator gives one
     float64 uniform per position (the reveal), then Gumbels for the revealed positions only;
     these depend on x_t alone, so ``ddpm_cache`` consumes exactly the same draws.
+
+    ``--opt remask=η`` is ReMDM's max-capped schedule (Wang et al. 2025, "ReMDM-cap"): a
+    generated token visible at t is re-masked with σ_t = min(η, (1 − α_s)/α_t) and a masked one
+    revealed with (α_s − (1 − σ_t)α_t)/(1 − α_t), which keeps the forward marginal α_s at every
+    step, so the sampler can undo a token it regrets. The same uniform decides both (a position
+    is either masked or visible), so no draw is added: η = 0 is plain ``ddpm`` bit for bit.
+    σ_s is 0 on the last step (α_0 = 1), which reveals every token still masked.
     """
 
     name = "ddpm"
-    description = "MDLM ancestral sampling, SUBS posterior, T steps (one model call per step)"
+    description = ("MDLM ancestral sampling, SUBS posterior, T steps (one model call per step); "
+                   "--opt remask=η re-masks revealed tokens (ReMDM-cap)")
     requires = ("masked",)
+    Options = DDPMOptions
+    bench_options = ({"remask": 0.02},)  # rows of their own: they change the tokens
     skip_idle_steps = False
 
     def sample(self, model: Transformer, ctx: SampleContext) -> SampleResult:
         spec = masked_spec(ctx, self.name)
-        steps, sched = check_steps(ctx), spec.schedule
+        steps, sched, eta = check_steps(ctx), spec.schedule, check_remask(ctx)
         x = start_rows(ctx, fill=spec.mask_id)
-        idle = 0
+        generated = torch.zeros_like(x, dtype=torch.bool)
+        generated[:, ctx.prompt.numel():] = True
+        idle = remasked = 0
         for i in range(steps, 0, -1):
             masked = x == spec.mask_id
             t, s = i / steps, (i - 1) / steps
             alpha_t, alpha_s = 1 - (1 - sched.eps) * t, 1 - (1 - sched.eps) * s
-            p_reveal = (alpha_s - alpha_t) / (1 - alpha_t)
+            sigma = min(eta, (1 - alpha_s) / alpha_t)  # 0.0 exactly when η = 0
+            p_reveal = (alpha_s - (1 - sigma) * alpha_t) / (1 - alpha_t)
             u = torch.rand(x.shape, generator=ctx.generator, device=x.device,
                            dtype=ctx.dtype or DEFAULT_DTYPE)
             reveal = masked & (u < p_reveal)
+            hide = generated & ~masked & (u < sigma) if sigma > 0 else None
             if not reveal.any():
                 idle += 1
                 if self.skip_idle_steps:
+                    remasked += self._hide(x, hide, spec.mask_id)
                     continue
             logits = denoise(model, x, spec, t, reveal, ctx)
             if reveal.any():
                 x[reveal], _ = draw(logits, ctx)
-        return SampleResult(x, detail={"steps": steps, "idle_steps": idle})
+            remasked += self._hide(x, hide, spec.mask_id)
+        detail = {"steps": steps, "idle_steps": idle}
+        if eta > 0:
+            detail |= {"remask": eta, "remasked": remasked}
+        return SampleResult(x, detail=detail)
+
+    @staticmethod
+    def _hide(x: Tensor, hide: Tensor | None, mask_id: int) -> int:
+        """Re-mask the positions in ``hide`` (decided on x_t, applied to x_s); how many."""
+        if hide is None:
+            return 0
+        x[hide] = mask_id
+        return int(hide.sum())
 
 
 class DDPMCacheSampler(DDPMSampler):
@@ -148,6 +196,7 @@ class DDPMCacheSampler(DDPMSampler):
     description = "ddpm that skips the model call on steps that reveal nothing (same tokens)"
     skip_idle_steps = True
     same_tokens_as = "ddpm"
+    bench_options = ()  # ddpm's remask row is enough; the unit tests check the cache with it
 
 
 @dataclass
@@ -193,8 +242,8 @@ class ConfidenceSampler:
         eps = spec.schedule.eps
         for k in counts:
             masked = x == spec.mask_id
-            frac = int(masked[0].sum()) / ctx.length  # every row has the same number masked
-            t = min(max(frac / (1 - eps), eps), 1.0)
+            # every row has the same number masked
+            t = masked_time(int(masked[0].sum()), ctx.length, eps)
             ids, logp = draw(denoise(model, x, spec, t, masked, ctx), ctx)
             candidate, confidence = x.clone(), torch.full(x.shape, -math.inf,
                                                           dtype=logp.dtype, device=x.device)

@@ -164,16 +164,21 @@ def train_options(fn):
                      help="TOML config (sections [model] [optim] [train] [data] [options])."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                      help="Override any config key, e.g. --set model.n_layer=4 (repeatable)."),
+        click.option("--log", "loggers", metavar="NAME,...",
+                     help="Also log every metrics.jsonl record to these loggers, e.g. --log "
+                          "trackio,tensorboard (see `lmkit loggers`; config key train.log) "
+                          "[default: none; metrics.jsonl is always written]."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer) -> dict[str, Any]:
+def budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer,
+                 loggers=None) -> dict[str, Any]:
     return {
         "train.steps": steps, "train.tokens": tokens, "train.time": seconds,
-        "train.seed": seed, "train.device": device,
+        "train.seed": seed, "train.device": device, "train.log": loggers,
         "data.path": str(data_dir) if data_dir else None,
         "data.tokenizer": str(tokenizer) if tokenizer else None,
     }
@@ -189,7 +194,7 @@ def budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer) -> d
 @click.option("--quiet", is_flag=True, help="No progress display (metrics.jsonl is still written).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON on stdout.")
 def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, device,
-          config_file, sets, out, resume, quiet, as_json) -> None:
+          config_file, sets, loggers, out, resume, quiet, as_json) -> None:
     """Train a model with an objective on the shared trunk.
 
     Config precedence: defaults < --preset < --config < flags < --set. The resolved config is
@@ -211,7 +216,7 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
     from lmkit.core.train import TrainingInterrupted
     from lmkit.core.train import train as train_run
 
-    flags = budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer)
+    flags = budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer, loggers)
     flags["objective"] = objective
     plan = plan_training(config_file=config_file, preset=preset, flags=flags, sets=sets,
                          out=out, resume=resume)
@@ -248,7 +253,8 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (see docs).")
 def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_size, seed, gen,
              judge_dir, sampler, num, length, steps, details, as_json) -> None:
-    """Score a run's checkpoint (or a packed ARTIFACT file) on validation data in bits per byte.
+    """Score a run's checkpoint (or an `lmkit export` folder, or a packed ARTIFACT file) on
+    validation data in bits per byte.
 
     Each metric states its kind: `exact` (a true code length), `upper_bound` (a bound on one, with
     the standard error of its estimate) or `score` (neither). Bytes are counted with the
@@ -316,8 +322,8 @@ def parse_seeds(text: str) -> list[int]:
 @click.option("--csv", "fmt", flag_value="csv", help="Print the comparison as CSV.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, seconds, seed,
-            device, config_file, sets, out, max_tokens, seed_list, baseline, force, with_pack,
-            gen, fmt, quiet) -> None:
+            device, config_file, sets, loggers, out, max_tokens, seed_list, baseline, force,
+            with_pack, gen, fmt, quiet) -> None:
     """One honest table across objectives: trained fresh (--objectives) or existing RUN_DIRs.
 
     Every cell states its kind — `=` exact, `≤` upper bound (± standard error), `score` — and
@@ -342,7 +348,7 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
         run_dirs=list(run_dirs),
         objectives=[o.strip() for o in (objectives or "").split(",") if o.strip()],
         out=out, preset=preset,
-        flags=budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer),
+        flags=budget_flags(steps, tokens, seconds, seed, device, data_dir, tokenizer, loggers),
         sets=tuple(sets), max_tokens=max_tokens, force=force, pack=with_pack, gen=gen,
         seeds=parse_seeds(seed_list) if seed_list is not None else None, baseline=baseline)
     display = CompareDisplay(quiet=quiet or fmt is not None)
@@ -395,9 +401,11 @@ def _list_entries(kind: str, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
+    from rich.markup import escape
+
     for row in rows:
         serves = f" (for {', '.join(row['objectives'])})" if "objectives" in row else ""
-        output.print(f"[bold]{row['name']}[/]{serves}  {row['description']}  "
+        output.print(f"[bold]{row['name']}[/]{serves}  {escape(row['description'])}  "
                       f"[dim]({row['plugin']}, {row['distribution']} {row['version']})[/]")
 
 
@@ -587,11 +595,17 @@ def bench_coverage(run_dirs: tuple[Path, ...], seeds: int, max_tokens: int | Non
         click.echo(fmt(r))
 
 
+from lmkit.cli.export import export_command  # noqa: E402
+from lmkit.cli.loggers import loggers_command  # noqa: E402
 from lmkit.cli.pack import bench_pack_command, pack_command  # noqa: E402
+from lmkit.cli.record import record_command  # noqa: E402
 from lmkit.cli.rotation import bench_rotation_command  # noqa: E402
 from lmkit.cli.sample import bench_sample_command, sample_command  # noqa: E402
 
+cli.add_command(loggers_command)
 cli.add_command(pack_command)
+cli.add_command(export_command)
+cli.add_command(record_command)
 cli.add_command(sample_command)
 bench.add_command(bench_pack_command)
 bench.add_command(bench_sample_command)
@@ -613,7 +627,9 @@ def main(argv: list[str] | None = None) -> None:
         _add_plugin_commands()
         cli.main(args=argv, prog_name="lmkit", standalone_mode=False)
     except LmkitError as exc:
-        console.print(f"[red]Error:[/] {exc}", soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[red]Error:[/] {escape(str(exc))}", soft_wrap=True)  # [extra] kept
         sys.exit(1)
     except click.exceptions.Abort:
         console.print("aborted")

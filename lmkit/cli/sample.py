@@ -20,7 +20,7 @@ from lmkit.cli.options import (
 
 
 @click.command("sample")
-@click.argument("run_dir", metavar="RUN_DIR|ARTIFACT", type=click.Path(path_type=Path))
+@click.argument("run_dir", metavar="RUN_DIR|EXPORT|ARTIFACT", type=click.Path(path_type=Path))
 @click.option("--sampler", help="A registered sampler (see `lmkit samplers`) [default: the first "
                                 "that serves the run's objective: ar for AR, ddpm for masked].")
 @click.option("--num", type=bounded(1, MAX_SAMPLES), default=4, show_default=True,
@@ -39,7 +39,9 @@ from lmkit.cli.options import (
 @click.option("--top-p", type=Finite(0.0, 1.0), default=1.0, show_default=True,
               help="Keep the most likely tokens up to this probability mass (1 = off).")
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
-              help="A sampler option, e.g. use_cache=false (ar) or schedule=cosine (confidence).")
+              help="A sampler option, e.g. use_cache=false (ar), remask=0.02 (ddpm), "
+                   "schedule=cosine (confidence), entropy_bound=0.5 (entropy_bounded) or "
+                   "block_size=16 (block); `lmkit samplers` lists them.")
 @click.option("--batch-size", type=bounded(1, MAX_BATCH),
               help="Samples generated at once [default: all]; the output depends on it.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
@@ -49,8 +51,8 @@ from lmkit.cli.options import (
               help="One JSON object: per sample text, token ids, nfe, seconds, tokens/s.")
 def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperature, top_k, top_p,
                    opts, batch_size, dtype, device, as_json) -> None:
-    """Generate text from a run's checkpoint (or a packed ARTIFACT's round trip) with a
-    registered sampler.
+    """Generate text from a run's checkpoint (or an `lmkit export` folder, or a packed
+    ARTIFACT's round trip) with a registered sampler.
 
     Random draws (categorical/Gumbel) are made in float64, from one generator seeded with
     --seed. NFE counts the model's forward passes per batch. A BOS inside a sample (a new
@@ -103,23 +105,33 @@ def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperatu
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
               help="Timed repeats per sampler (the best is kept).")
 @click.option("--seed", type=bounded(0, MAX_SEED), default=0, show_default=True)
+@click.option("--judge", "judge_dir", type=click.Path(path_type=Path),
+              help="An AR run on the same tokenizer: adds each row's gen-ppl (bits per byte of "
+                   "its samples under the judge) and unigram entropy [needs --run].")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_sample_command(run_dirs, objectives, ar_run, mdlm_run, preset, num, length, steps,
-                         repeats, seed, dtype, device, as_json) -> None:
+                         repeats, seed, judge_dir, dtype, device, as_json) -> None:
     """Tokens/s and NFE of every sampler serving each run's (or objective's) model.
 
     Measured side by side in one process, at the same length and T; the ratios are to the
     first row of each group. Speed-only variants (ar with and without its KV cache) and samplers
-    that must agree (ddpm_cache with ddpm) are checked token for token on the way.
+    that must agree (ddpm_cache with ddpm) are checked token for token on the way. With --judge,
+    the quality of the timed samples too; pass --steps at most --length to compare it at equal
+    NFE (every masked sampler then makes at most T model calls).
+
+    \b
+    Example:
+      lmkit bench sample --run runs/mdlm --judge runs/ar --num 16 --length 127 --steps 32
     """
     from lmkit.core.bench.sample import bench_sample
 
     sources = [str(p) for p in (*run_dirs, ar_run, mdlm_run) if p] + list(objectives)
     result = bench_sample(sources or ["ar", "mdlm"], preset=preset, num=num, length=length,
                           steps=steps, seed=seed, repeats=repeats, device=device,
-                          precision=dtype, log=None if as_json else console.print)
+                          precision=dtype, judge=judge_dir,
+                          log=None if as_json else console.print)
     if as_json:
         emit_json(result)
         return
@@ -130,11 +142,25 @@ def bench_sample_command(run_dirs, objectives, ar_run, mdlm_run, preset, num, le
         table = Table(title=f"lmkit bench sample · {group['objective']} · {result['device']} · "
                             f"{group['num']}×{group['length']} tokens{steps_note}",
                       caption=f"model: {group['model']}", caption_justify="left")
-        for col in ("sampler", "tokens/s", "NFE", "seconds", f"× {group['reference']}"):
+        judged = result["judge"] is not None
+        columns = ["sampler", "tokens/s", "NFE", "seconds", f"× {group['reference']}"]
+        columns += ["gen-ppl (bpb)", "entropy (bits)"] if judged else []
+        for col in columns:
             table.add_column(col, justify="left" if col == "sampler" else "right")
         for row in group["rows"]:
-            table.add_row(row["label"], f"{row['tokens_per_s']:,.0f}", str(row["nfe"]),
-                          f"{row['seconds']:.2f}", f"{row['speedup']:.2f}×")
+            cells = [row["label"], f"{row['tokens_per_s']:,.0f}", str(row["nfe"]),
+                     f"{row['seconds']:.2f}", f"{row['speedup']:.2f}×"]
+            if judged:
+                cells += [_pm(row["gen_ppl"], row["gen_ppl_stderr"]),
+                          _pm(row["gen_entropy"], row["gen_entropy_stderr"])]
+            table.add_row(*cells)
         output.print(table)
+        if judged:
+            output.print(f"gen-ppl and entropy: the timed samples, judged by {result['judge']} "
+                         "(kind: score; ± one standard error over the samples)")
         for pair, same in group["identical_tokens"].items():
             output.print(f"{pair}: {'identical tokens' if same else '[red]TOKENS DIFFER[/]'}")
+
+
+def _pm(value: float, stderr: float | None) -> str:
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")

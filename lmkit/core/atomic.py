@@ -2,6 +2,8 @@
 
 Readers never see half a file, a crash leaves the previous version in place, and the temp file
 is removed whatever goes wrong. Its hidden name never matches lmkit's ``*_train_*.bin`` globs.
+A folder of files (``lmkit export``) is filled in a hidden sibling directory
+(:func:`staged_dir`) and renamed into place whole.
 With ``durable=True`` the file and its directory are fsynced, so the rename survives a power
 cut too (checkpoints use it: a file that claims to be complete must be complete). A full disk
 is reported as one :class:`~lmkit.errors.LmkitError` naming the path and the space involved.
@@ -9,11 +11,12 @@ is reported as one :class:`~lmkit.errors.LmkitError` naming the path and the spa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +105,36 @@ def write_json(path: str | Path, data: Any, indent: int = 1, *, durable: bool = 
     from lmkit.core.jsonfile import dumps
 
     write_text(path, dumps(data, indent=indent) + "\n", durable=durable)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary directory beside ``path`` to fill (with this module's writers); when
+    the block succeeds it is renamed to ``path`` (a folder already there is first renamed aside,
+    then removed), so ``path`` never holds half the files. On any error the temporary directory
+    is removed and ``path`` is left as it was. Whether replacing ``path`` is allowed is the
+    caller's decision, made before the work starts."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(temp_name(path.name))
+    old = path.with_name(temp_name(path.name + ".old"))
+    tmp.mkdir()
+    renaming = False  # an OSError while renaming is about the folders, not the caller's work
+    try:
+        yield tmp
+        renaming = True
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # the swap failed half-way: put the previous folder back
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
+        if isinstance(exc, OSError) and renaming:
+            raise LmkitError(f"cannot move the new {path.name} into place at {path} "
+                             f"({exc.strerror or exc}); nothing there was changed") from None
+        raise
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -65,6 +65,8 @@ class TrainConfig:
     compile: bool = False         # torch.compile the model
     prime_steps: int = 0          # untimed steps first (compilation), then weights etc. restored
     ema: float = 0.0              # decay of an fp32 EMA of the weights, used by eval/pack (0 = off)
+    # metric sinks fed every metrics.jsonl record (registered loggers; see `lmkit loggers`)
+    log: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -157,6 +159,11 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError(value)
             return str(value)
+        if origin is list:  # a TOML array, or "a,b" on the command line
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError(value)
+            return [i.strip() for i in items if i.strip()]
     except (TypeError, ValueError, OverflowError):
         raise LmkitError(f"{key}: expected {typ.__name__}, got {value!r}") from None
     return value
@@ -332,6 +339,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return _toml_string(str(value))
 
 

@@ -41,6 +41,7 @@ MAX_SECONDS = 366 * 24 * 3600.0  # --time: a year
 MAX_PRIME_STEPS = 10_000  # untimed warm-up steps: the baseline runs 20
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 DEVICE_RE = r"auto|cpu|cuda|cuda:\d{1,3}|mps"
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # a registered name (logger, objective, ...)
 
 _UNBOUNDED = math.inf
 
@@ -170,6 +171,12 @@ def check_train(t: TrainConfig, where: str | None = None) -> None:
     _float_in(t, "train", "ema", 0.0, 1.0, where, hi_open=True)
     if not re.fullmatch(DEVICE_RE, t.device):
         raise _bad("train.device", t.device, "expected auto, cpu, cuda or cuda:N", where)
+    if not isinstance(t.log, list) or not all(
+            isinstance(n, str) and re.fullmatch(NAME_RE, n) for n in t.log):
+        raise _bad("train.log", t.log, "expected a list of logger names, e.g. "
+                   "[\"tensorboard\"] (see `lmkit loggers`)", where)
+    if len(set(t.log)) != len(t.log):
+        raise _bad("train.log", t.log, "a logger is listed twice", where)
 
 
 def check_data(d: DataConfig, where: str | None = None) -> None:

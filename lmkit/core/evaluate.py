@@ -130,6 +130,14 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", latest: bool = Tr
     kept for exactly this protocol is returned instead of evaluating again (with
     ``reused_from`` naming its file)."""
     run = runs.load_run(run_dir, device=resolve_device(device))
+    return evaluate_stored(run, latest=latest, reuse=reuse, units=units, progress=progress,
+                           **scoring)
+
+
+def evaluate_stored(run: runs.Run, *, latest: bool = True, reuse: bool = False,
+                    units: dict[str, torch.Tensor] | None = None, progress: Any = None,
+                    **scoring: Any) -> dict[str, Any]:
+    """:func:`evaluate_run` of a run already loaded (``lmkit export`` loads it once)."""
     units = {} if units is None else units
     proto = protocol(run, Scoring(**scoring))
     if reuse and (stored := evalstore.load(run.path, proto)):
@@ -154,8 +162,9 @@ def find_run_dir(path: Path, manifest: dict[str, Any]) -> Path:
 
 def load_target(path: str | Path, device: str = "auto"
                 ) -> tuple[runs.Run, torch.nn.Module, dict[str, Any] | None]:
-    """(run, model, artifact manifest) of a run directory (its checkpoint; no manifest) or of a
-    packed artifact file (its dequantized round trip, with the run it was packed from)."""
+    """(run, model, artifact manifest) of a run directory (its checkpoint; no manifest), of an
+    export folder (its weights; ``run.export`` is set) or of a packed artifact file (its
+    dequantized round trip, with the run it was packed from)."""
     from lmkit.core.artifact import model_from_tensors, read_artifact
 
     path = Path(path)
@@ -194,7 +203,8 @@ def evaluate_target(path: str | Path, *, device: str = "auto", judge: str | Path
     steps), and write a run's ``eval.json`` once, with everything in it."""
     path = Path(path)
     if not path.exists():
-        raise LmkitError(f"{path} does not exist: pass a run directory or a packed artifact")
+        raise LmkitError(f"{path} does not exist: pass a run directory, an export folder or a "
+                         "packed artifact")
     run, model, manifest = load_target(path, device)
     if generation is not None:
         from lmkit.core.genmetrics import check_judge
@@ -213,7 +223,10 @@ def evaluate_target(path: str | Path, *, device: str = "auto", judge: str | Path
         result = add_generation_metrics(result, judge, device=device, seed=scoring.get("seed"),
                                         **generation)
         result["protocol"]["generation"] = {"judge": str(Path(judge).resolve()), **generation}
-    if manifest is None:
+    if run.export is not None:  # an export folder is shared as written: nothing is added to it
+        result["export"] = {"path": str(run.path.resolve()),
+                            "exported_from": run.export["exported_from"]}
+    elif manifest is None:
         result["files"] = {"latest": str((run.path / runs.EVAL_FILE).resolve()),
                            "record": str(evalstore.record_path(run.path.resolve(),
                                                                result["protocol"]))}

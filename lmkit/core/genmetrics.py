@@ -74,6 +74,38 @@ def unigram_entropy(ids: list[int]) -> float:
     return float(-(p * p.log2()).sum())
 
 
+def judge_samples(judge: runs.Run, lut: Any, rows: torch.Tensor, prompt_len: int,
+                  base: dict[str, Any]) -> tuple[Metric, Metric]:
+    """``gen_ppl`` and ``gen_entropy`` of sampled ``rows`` (``[n, prompt_len + L]`` ids, the
+    prompt first; only the generated ids are scored) under an AR ``judge``; ``base`` goes into
+    both details. ``lut`` is the sampled run's byte LUT (the judge's tokenizer is the same)."""
+    rows = rows.to(judge.device)
+    P = prompt_len
+    with torch.no_grad():
+        nats = judge_nats(judge.model, rows, judge.config.train.seq_len)[:, P - 1:]
+    targets, prev = rows[:, P:], rows[:, P - 1:-1]
+    prev2 = torch.cat([torch.full_like(rows[:, :1], -1), rows], dim=1)[:, P - 1:-2]
+    meter = BpbMeter(lut, "gen_ppl", "score", {
+        **base, "estimator": "judge's exact NLL of the sampled tokens per LUT byte of their text",
+        "note": "a score of the samples, not of a held-out text; read it next to gen_entropy "
+                "(repetitive text gets a low gen_ppl)",
+    })
+    meter.add(nats, targets, prev, prev2=prev2)
+    ppl = meter.metric()
+    ppl.unit = "bpb"  # a score of the samples, but truly the judge's bits per byte of their text
+    ppl.detail["perplexity_per_token"] = math.exp(ppl.value * math.log(2) * ppl.bytes / ppl.tokens)
+    generated = rows[:, P:].tolist()
+    per_sample = torch.tensor([unigram_entropy(ids) for ids in generated], dtype=torch.float64)
+    stderr = float(per_sample.std() / math.sqrt(len(generated))) if len(generated) > 1 else None
+    pooled = [i for ids in generated for i in ids]
+    entropy = Metric("gen_entropy", "score", float(per_sample.mean()), "bits", stderr, ppl.tokens,
+                     ppl.bytes, {**base, "estimator": "unigram entropy of each sample's tokens, "
+                                 "mean over samples",
+                                 "pooled_entropy_bits": unigram_entropy(pooled),
+                                 "distinct_tokens": len(set(pooled))})
+    return ppl, entropy
+
+
 def generation_metrics(run: runs.Run | str | Path, judge: runs.Run | str | Path,
                        sampler: str | None = None, *, model: torch.nn.Module | None = None,
                        device: str = "auto", log: Callable[[str], None] | None = None,
@@ -97,34 +129,13 @@ def generation_metrics(run: runs.Run | str | Path, judge: runs.Run | str | Path,
         log(f"sampled {len(samples)} × {len(samples[0]['token_ids'])} tokens with "
             f"{samples[0]['sampler']}; judging with {judge.path}")
     rows = torch.tensor([s["prompt_ids"] + s["token_ids"] for s in samples], device=dev)
-    P, L = len(samples[0]["prompt_ids"]), len(samples[0]["token_ids"])
-    lut = run.lut
-    with torch.no_grad():
-        nats = judge_nats(judge.model, rows, judge.config.train.seq_len)[:, P - 1:]
-    targets, prev = rows[:, P:], rows[:, P - 1:-1]
-    prev2 = torch.cat([torch.full_like(rows[:, :1], -1), rows], dim=1)[:, P - 1:-2]
-    base = {"sampler": samples[0]["sampler"], "samples": len(samples), "length": L,
-            "prompt_tokens": P, "seed": seed, "steps": samples[0]["detail"].get("steps"),
+    base = {"sampler": samples[0]["sampler"], "samples": len(samples),
+            "length": len(samples[0]["token_ids"]), "prompt_tokens": len(samples[0]["prompt_ids"]),
+            "seed": seed, "steps": samples[0]["detail"].get("steps"),
             "temperature": request.get("temperature", 1.0), "judge": str(judge.path),
             "sampling_dtype": str(DEFAULT_DTYPE).replace("torch.", "")}
-    meter = BpbMeter(lut, "gen_ppl", "score", {
-        **base, "estimator": "judge's exact NLL of the sampled tokens per LUT byte of their text",
-        "note": "a score of the samples, not of a held-out text; read it next to gen_entropy "
-                "(repetitive text gets a low gen_ppl)",
-    })
-    meter.add(nats, targets, prev, prev2=prev2)
-    ppl = meter.metric()
-    ppl.unit = "bpb"  # a score of the samples, but truly the judge's bits per byte of their text
-    ppl.detail["perplexity_per_token"] = math.exp(ppl.value * math.log(2) * ppl.bytes / ppl.tokens)
+    ppl, entropy = judge_samples(judge, run.lut, rows, len(samples[0]["prompt_ids"]), base)
     n_tokens, n_bytes = ppl.tokens, ppl.bytes
-    per_sample = torch.tensor([unigram_entropy(s["token_ids"]) for s in samples],
-                              dtype=torch.float64)
-    stderr = float(per_sample.std() / math.sqrt(len(samples))) if len(samples) > 1 else None
-    pooled = [i for s in samples for i in s["token_ids"]]
-    entropy = Metric("gen_entropy", "score", float(per_sample.mean()), "bits", stderr, n_tokens,
-                     n_bytes, {**base, "estimator": "unigram entropy of each sample's tokens, "
-                               "mean over samples", "pooled_entropy_bits": unigram_entropy(pooled),
-                               "distinct_tokens": len(set(pooled))})
     seconds = sum(s["seconds"] for s in samples)
     nfe = Metric("gen_nfe", "score", float(sum(s["nfe"] for s in samples) / len(samples)),
                  "calls", None, n_tokens, n_bytes,

@@ -200,6 +200,9 @@ def pack_run(run_dir: str | Path, *, device: str = "auto", out: str | Path | Non
     scoring = {k: v for k, v in options.items() if k not in RECIPE_FIELDS}
     Scoring(**scoring)  # unknown or bad scoring options fail before any work
     run = runs.load_run(run_dir, resolve_device(device))
+    if run.export is not None:  # an artifact needs its run (tokenizer, data) and writes beside it
+        raise LmkitError(f"{run_dir} is an `lmkit export` folder; pack the run it was exported "
+                         f"from ({run.export['exported_from'].get('run')})")
     path = Path(out) if out else run.path / recipe.file_name
     # Quantize first: a cap that cannot be met fails before minutes of evaluation.
     facts = quantize_and_write(run, path, recipe, data_dir=scoring.get("data_dir"), log=log)

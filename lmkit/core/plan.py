@@ -19,12 +19,13 @@ from typing import Any
 from lmkit.core import atomic, runs
 from lmkit.core import config as config_mod
 from lmkit.core.config import RunConfig
+from lmkit.core.loggers import check_loggers
 from lmkit.core.registry import get_objective
 from lmkit.errors import LmkitError
 
 # What a resumed run may change: its budget and bookkeeping, never what it learns.
 RESUMABLE_TRAIN_KEYS = {"steps", "tokens", "time", "log_every", "val_every", "val_tokens",
-                        "ckpt_every", "ckpt_seconds", "device", "compile", "prime_steps"}
+                        "ckpt_every", "ckpt_seconds", "device", "compile", "log", "prime_steps"}
 PACE_WINDOW = 16  # steps whose mean duration predicts the next one
 
 
@@ -128,7 +129,8 @@ def plan_training(
     cfg = config_mod.resolve_config(
         config_file=config_file or stored, preset=preset, flags=flags, sets=sets
     )
-    get_objective(cfg.objective)  # unknown objective: fail before any work
+    get_objective(cfg.objective)  # unknown objective or logger: fail before any work
+    check_loggers(cfg.train.log)
     if stored is not None and config_file is None:
         _check_resumable(config_mod.resolve_config(config_file=stored), cfg, run_dir)
     if run_dir is None:

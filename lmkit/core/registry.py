@@ -35,12 +35,14 @@ BUILTIN_PLUGINS = (
     "lmkit.plugins.mtp",
     "lmkit.plugins.samplers",
     "lmkit.plugins.corpora",
+    "lmkit.plugins.loggers",
 )
 KINDS = {
     # hook name -> (kind, attributes every registered object must have)
     "register_objectives": ("objective", None),
     "register_samplers": ("sampler", ("name", "description", "sample")),
     "register_corpora": ("corpus", ("name", "description", "documents")),
+    "register_loggers": ("logger", ("name", "description", "log", "close")),
 }
 
 
@@ -322,7 +324,11 @@ def get_corpus(name: str) -> Entry:
     return get_registry().get("corpus", name)
 
 
-# -- listings (`lmkit plugins`, `lmkit objectives`, `lmkit samplers`) ---------------------------
+def get_logger(name: str) -> Entry:
+    return get_registry().get("logger", name)
+
+
+# -- listings (`lmkit plugins`, `lmkit objectives`, `lmkit samplers`, `lmkit loggers`) -------
 def plugin_listing(include_builtins: bool = False) -> list[dict[str, Any]]:
     """Installed plugins; their registration hooks run first, so a broken one is not listed."""
     registry = get_registry()
@@ -332,7 +338,7 @@ def plugin_listing(include_builtins: bool = False) -> list[dict[str, Any]]:
 
 
 def entry_listing(kind: str) -> list[dict[str, Any]]:
-    """Registered objectives / samplers / corpora; a sampler also lists the objectives it
+    """Registered objectives / samplers / corpora / loggers; a sampler also lists the objectives it
     serves now (and the capabilities it requires)."""
     from lmkit.core.generate import served_by
 

@@ -111,11 +111,14 @@ class MetricsLog:
 
     A crash (or a full disk) can tear the last line; readers drop a torn tail with a
     :class:`~lmkit.core.atomic.RecoveryWarning` instead of failing, and a write that hits a full
-    disk is undone and reported as one error.
+    disk is undone and reported as one error. Each record written is then handed to the run's
+    ``loggers`` (:mod:`lmkit.core.loggers`: trackers selected with ``train.log``), so they see
+    exactly what this file holds.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, loggers: Any = None):
         self.path = Path(path)
+        self.loggers = loggers
 
     def write(self, record: dict[str, Any]) -> None:
         line = jsonfile.dumps(record) + "\n"
@@ -132,6 +135,8 @@ class MetricsLog:
             except OSError:
                 pass
             raise atomic.disk_full_error(self.path, len(line)) from None
+        if self.loggers is not None:
+            self.loggers.log(line)
 
     def records(self) -> list[dict[str, Any]]:
         """Every record; a torn last line is dropped with a warning, other damage (a line that
@@ -185,7 +190,13 @@ def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
     path = run_dir / RUN_FILE
     meta = jsonfile.read_json(path, f"{run_dir} is not an lmkit run directory ({RUN_FILE} is "
                                     "missing)")
-    where = str(path)
+    check_run_meta(meta, str(path))
+    return meta
+
+
+def check_run_meta(meta: dict[str, Any], where: str) -> None:
+    """Every key lmkit reads from a run's metadata, with its type and range (``run.json``, or
+    the same record inside an export's ``config.json``)."""
     req = jsonfile.require
     req(meta, "objective", str, where)
     req(meta, "config", dict, where)
@@ -208,7 +219,6 @@ def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
     req(data, "dir", str, f"{where} [data]")
     tok = req(data, "tokenizer", dict, f"{where} [data]")
     req(tok, "sha256", str, f"{where} [data.tokenizer]")
-    return meta
 
 
 def read_run_state(run_dir: str | Path) -> dict[str, Any]:
@@ -216,14 +226,20 @@ def read_run_state(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     state = read_state(run_dir)  # the newest complete checkpoint, after a crash too
     path = (find_checkpoint(run_dir) or run_dir / CHECKPOINT_DIR) / STATE_FILE
-    for key in ("step", "tokens"):
-        value = jsonfile.require(state, key, int, str(path))
-        if value < 0:
-            raise LmkitError(f"{path}: {key} is negative; it is damaged")
-    seconds = jsonfile.require(state, "seconds", (int, float), str(path))
-    if not math.isfinite(seconds) or seconds < 0:
-        raise LmkitError(f"{path}: seconds is {seconds!r}; it is damaged")
+    check_run_state(state, str(path))
     return state
+
+
+def check_run_state(state: dict[str, Any], where: str) -> None:
+    """The checkpoint's step, tokens and seconds, as lmkit reads them (``state.json``, or the
+    ``checkpoint`` record of an export's ``config.json``)."""
+    for key in ("step", "tokens"):
+        value = jsonfile.require(state, key, int, where)
+        if value < 0:
+            raise LmkitError(f"{where}: {key} is negative; it is damaged")
+    seconds = jsonfile.require(state, "seconds", (int, float), where)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise LmkitError(f"{where}: seconds is {seconds!r}; it is damaged")
 
 
 @dataclass(kw_only=True)
@@ -234,6 +250,7 @@ class Run(Setup):
     path: Path
     meta: dict[str, Any]
     state: dict[str, Any]
+    export: dict[str, Any] | None = None  # an export folder's config.json (see core.export)
     weights: str = "raw"  # "ema": the model holds the checkpoint's weight average (train.ema)
 
     @property
@@ -277,28 +294,45 @@ class Run(Setup):
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
-    """Rebuild objective and model from a run directory and load its latest checkpoint."""
+    """Rebuild objective and model from a run directory and load its latest checkpoint; or
+    from an export folder (``lmkit export``: ``config.json`` + ``model.safetensors``), which
+    holds the same records and loads to the same model."""
+    from lmkit.core import export
+
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise LmkitError(f"run directory {run_dir} does not exist")
-    meta = read_run_meta(run_dir)
-    where = str(run_dir / RUN_FILE)
+    exported = None
+    if not (run_dir / RUN_FILE).is_file() and export.is_export_dir(run_dir):
+        exported = export.read_export_config(run_dir)
+        meta, state = export.run_records(exported)
+        where, weights = str(run_dir / export.CONFIG_FILE), run_dir / export.WEIGHTS_FILE
+        ckpt: Path | None = run_dir
+    else:
+        meta = read_run_meta(run_dir)
+        where = str(run_dir / RUN_FILE)
+        state = read_run_state(run_dir)
+        ckpt = find_checkpoint(run_dir)
+        weights = (ckpt or run_dir / CHECKPOINT_DIR) / MODEL_FILE
     cfg = config_mod.from_dict(meta["config"], where)
     model_cfg = config_mod.model_config_from_dict(meta["model"]["config"], where)
     tokens = TokenSpec(**meta["tokens"])
-    state = read_run_state(run_dir)
-    weights = (find_checkpoint(run_dir) or run_dir / CHECKPOINT_DIR) / MODEL_FILE
     # Names and shapes of the stored weights must be the model's before anything is allocated.
     check_weights_file(weights, model_cfg, tokens.vocab_size, len(tokens.special))
-    tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE, "the run's tokenizer copy")
+    kind = "run" if exported is None else "export"
+    tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE, f"the {kind}'s tokenizer copy")
     if tokenizer.vocab_size != tokens.vocab_size:
         raise LmkitError(f"{run_dir}: the tokenizer copy has {tokenizer.vocab_size} ids, "
-                         f"{RUN_FILE} records {tokens.vocab_size}; the run is damaged")
+                         f"{Path(where).name} records {tokens.vocab_size}; the {kind} is damaged")
+    if exported is not None:
+        export.check_tokenizer(run_dir, tokenizer.sha256, meta)
     setup = build(cfg, tokenizer=tokenizer, tokens=tokens, model_cfg=model_cfg, device=device)
-    load_model_weights(run_dir, setup.model)
+    load_model_weights(run_dir, setup.model, ckpt)
     check_finite(setup.model, weights)
     kind = "raw"
-    if cfg.train.ema > 0:  # the run kept an average of its weights: that is what it is scored on
+    if cfg.train.ema > 0 and exported is not None:
+        kind = "ema"  # an export holds the weights load_run gave it: the average
+    elif cfg.train.ema > 0:  # the run kept an average of its weights: it is what is scored
         average = read_ema(run_dir)
         if average is None:
             raise LmkitError(f"{run_dir}: trained with train.ema={cfg.train.ema} but its "
@@ -307,7 +341,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         kind = "ema"
     setup.model.eval()
     fields = {f.name: getattr(setup, f.name) for f in dataclasses.fields(Setup)}
-    return Run(**fields, path=run_dir, meta=meta, state=state, weights=kind)
+    return Run(**fields, path=run_dir, meta=meta, state=state, export=exported,
+               weights=kind)
 
 
 def check_weights_file(path: Path, model_cfg: Any, vocab_size: int, n_special: int) -> None:

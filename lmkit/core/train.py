@@ -40,6 +40,7 @@ from lmkit.core.data import DataSource, RotatingLoader, load_val_tokens
 from lmkit.core.device import synchronize
 from lmkit.core.ema import WeightEMA, ema_weights
 from lmkit.core.evaluate import run_evaluation
+from lmkit.core.loggers import Loggers, open_run_loggers
 from lmkit.core.optim import build_optimizers, set_schedule
 from lmkit.core.perf import measure_peak_flops
 from lmkit.core.plan import (  # noqa: F401  (Budget, lr_multiplier: re-exported)
@@ -237,12 +238,14 @@ def train(
                 f"{run_dir} already exists and is not empty; pass --resume auto to continue it "
                 f"or choose another --out"
             )
-        return _train(cfg, data, run_dir, resume=resume, restart=restart,
-                      observer=observer or NullObserver(), stop=stop)
+        with open_run_loggers(cfg, run_dir, resume) as loggers:  # train.log, beside the JSONL
+            return _train(cfg, data, run_dir, resume=resume, restart=restart,
+                          observer=observer or NullObserver(), stop=stop, loggers=loggers)
 
 
 def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, restart: bool,
-           observer: TrainObserver, stop: StopSignals) -> dict[str, Any]:
+           observer: TrainObserver, stop: StopSignals,
+           loggers: Loggers | None = None) -> dict[str, Any]:
     t = cfg.train
     setup = build(cfg, data)
     model, objective, device = setup.model, setup.objective, setup.device
@@ -251,7 +254,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
     loader = setup.loader(micro)
     val_tokens = load_val_tokens(data, t.val_tokens or None)
     budget = Budget(t.steps, t.tokens, t.time)
-    log = runs.MetricsLog(run_dir / runs.METRICS_FILE)
+    log = runs.MetricsLog(run_dir / runs.METRICS_FILE, loggers)
 
     step, tokens_seen, train_seconds, trained_tokens = 0, 0, 0.0, 0
     val_seconds = 0.0  # validation's wall clock, kept apart from the training clock

@@ -1,10 +1,10 @@
 """Fuzz every reader of user files: each input loads or raises LmkitError, never anything else.
 
 ``python -m lmkit.core.bench.fuzz --examples 10000`` runs each reader (token shards, artifacts,
-run files, config/``--set``, corpus ``.jsonl``) over generated and mutated inputs and prints,
-per reader: inputs, tracebacks (exceptions other than LmkitError), hangs (over the per-input
-timeout) and the process's peak RSS after it. The same readers and mutators back the hypothesis
-properties in tests/test_properties.py.
+run files, an export's ``config.json``, config/``--set``, corpus ``.jsonl``) over generated and
+mutated inputs and prints, per reader: inputs, tracebacks (exceptions other than LmkitError),
+hangs (over the per-input timeout) and the process's peak RSS after it. The same readers and
+mutators back the hypothesis properties in tests/test_properties.py.
 """
 
 from __future__ import annotations
@@ -123,6 +123,18 @@ def seed_state() -> dict[str, Any]:
             "loader": {}, "optimizers": []}
 
 
+def seed_export_config() -> dict[str, Any]:
+    """An export's config.json (lmkit.core.export) around :func:`seed_run_meta`'s records."""
+    meta = seed_run_meta()
+    return {"format": "lmkit-export/1", "library_name": "lmkit", "lmkit_version": "0.1.0",
+            "objective": meta["objective"], "objective_options": meta["config"]["options"],
+            "seq_len": meta["config"]["train"]["seq_len"], "vocab_size": 1024,
+            "model": meta["model"],
+            "tokens": meta["tokens"], "checkpoint": {"step": 2, "tokens": 512, "seconds": 1.5},
+            "config": meta["config"], "data": meta["data"],
+            "exported_from": {"run": "/nonexistent", "artifact": None}}
+
+
 SEED_METRICS = (b'{"type": "train", "step": 1, "loss": 6.9}\n'
                 b'{"type": "val", "step": 2, "metrics": [{"name": "nll", "value": 3.1}]}\n')
 SEED_TOML = b'preset = "tiny"\n[model]\nn_layer = 2\n[train]\nsteps = 3\nseed = 7\n'
@@ -187,6 +199,18 @@ def read_run_files(data: bytes, tmp: Path, which: str = "run.json") -> None:
         runs.read_metrics(run)
 
 
+def read_export_files(data: bytes, tmp: Path) -> None:
+    from lmkit.core import config as config_mod
+    from lmkit.core.export import CONFIG_FILE, read_export_config
+
+    folder = tmp / "export"
+    folder.mkdir(exist_ok=True)
+    (folder / CONFIG_FILE).write_bytes(data)
+    config = read_export_config(folder)
+    config_mod.from_dict(config["config"])
+    config_mod.model_config_from_dict(config["model"]["config"])
+
+
 def read_config(data: bytes, tmp: Path) -> None:
     from lmkit.core.config import resolve_config
 
@@ -240,7 +264,7 @@ def _alarm(*_: Any) -> None:
 def cases(seed: int = 0) -> dict[str, Callable[[random.Random, Path], None]]:
     """Reader name -> one fuzz case (generate an input from ``rng`` and read it)."""
     shard, art = seed_shard(), seed_artifact()
-    meta, state = seed_run_meta(), seed_state()
+    meta, state, exported = seed_run_meta(), seed_state(), seed_export_config()
     return {
         "shards": lambda rng, tmp: read_shard(mutate(shard, rng), tmp),
         "artifact": lambda rng, tmp: read_artifact_file(mutate_artifact(art, rng), tmp),
@@ -248,6 +272,7 @@ def cases(seed: int = 0) -> dict[str, Callable[[random.Random, Path], None]]:
         "state.json": lambda rng, tmp: read_run_files(json_bytes(state, rng), tmp, "state.json"),
         "metrics.jsonl": lambda rng, tmp: read_run_files(mutate(SEED_METRICS, rng), tmp,
                                                          "metrics.jsonl"),
+        "export config.json": lambda rng, tmp: read_export_files(json_bytes(exported, rng), tmp),
         "config.toml": lambda rng, tmp: read_config(mutate(SEED_TOML, rng), tmp),
         "--set": lambda rng, tmp: read_set([set_item(rng) for _ in range(rng.randint(1, 3))]),
         "corpus.jsonl": lambda rng, tmp: read_corpus(mutate(SEED_JSONL, rng), tmp),

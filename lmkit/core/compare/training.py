@@ -119,7 +119,7 @@ def compare_objectives(
 # What may differ between a run found in OUT and the one the comparison would train: bookkeeping
 # and placement, never what is learned or the budget it is learned under.
 REUSABLE_DIFFERENCES = {"log_every", "val_every", "val_tokens", "ckpt_every", "ckpt_seconds",
-                        "device", "compile"}
+                        "device", "compile", "log"}
 
 
 def config_difference(a: dict[str, Any], b: dict[str, Any],
