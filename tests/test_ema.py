@@ -116,3 +116,18 @@ def test_a_checkpoint_without_its_average_is_an_error(tiny_data, tmp_path):
     train(cfg_of(tiny_data, 2, ["train.ema=0"]), open_data(tiny_data), plain)
     assert not (plain / "checkpoint" / "ema.safetensors").exists()
     assert runs.load_run(plain).weights == "raw"
+
+
+def test_an_export_holds_the_average(ema_run, tmp_path):
+    from lmkit.core import export
+
+    out = tmp_path / "exported"
+    made = export.export_model(ema_run, out, device="cpu", max_tokens=512)
+    assert made["evaluation"]["checkpoint"]["weights"] == "ema"
+    weights, average = load_file(str(out / "model.safetensors")), ckpt(ema_run, "ema.safetensors")
+    for name, value in average.items():
+        assert torch.equal(weights[name].float(), value), name
+    loaded = runs.load_run(out)
+    assert loaded.weights == "ema"
+    assert evaluate_loaded(loaded, max_tokens=512)["metrics"][0]["value"] == pytest.approx(
+        made["evaluation"]["metrics"][0]["value"], abs=1e-9)
