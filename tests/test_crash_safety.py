@@ -30,7 +30,7 @@ from tests.test_cli import run_cli
 
 FAST = ["train.seq_len=32", "train.batch_tokens=256", "train.log_every=2",
         "train.val_tokens=512", "train.dtype=fp32", "train.ckpt_seconds=0"]
-TIMING = {"seconds", "tok_s", "mfu", "eta_s"}
+TIMING = {"seconds", "train_seconds", "val_seconds", "clock_seconds", "tok_s", "mfu", "eta_s"}
 
 
 def cfg_of(tiny_data, steps=6, extra=()):

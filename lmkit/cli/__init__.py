@@ -155,7 +155,8 @@ def train_options(fn):
         click.option("--tokens", type=Count(min=1),
                      help="Budget: training tokens (1500000, 1.5M, 1_500_000 and 1.5e6 alike)."),
         click.option("--time", "seconds", type=Finite(0.0, 366 * 24 * 3600.0),
-                     help="Budget: seconds of training (validation excluded) [default: none]."),
+                     help="Budget: seconds of training, validation and checkpoints excluded; "
+                          "the LR warmdown ends at the cap [default: none]."),
         click.option("--seed", type=bounded(0, MAX_SEED),
                      help="Seed for init, data order and masks [default: 1337]."),
         click.option("--device", help="auto | cpu | cuda | cuda:N [default: auto: cuda when "
@@ -204,6 +205,12 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
     Checkpoints are written every train.ckpt_seconds (and train.ckpt_every steps) and on
     SIGINT/SIGTERM (exit status 130/143 after the checkpoint); a non-finite loss stops the run
     with the last good checkpoint kept. One process trains a run directory at a time.
+
+    \b
+    A parameter-golf wall-clock run (20 untimed warm-up steps undone before the clock starts,
+    evaluation on an fp32 EMA of the weights):
+      lmkit train --preset pg-baseline --time 600 --set train.prime_steps=20 \\
+        --set train.ema=0.999
     """
     from lmkit.core.data import open_for_training
     from lmkit.core.plan import plan_training
@@ -604,6 +611,7 @@ from lmkit.cli.export import export_command  # noqa: E402
 from lmkit.cli.loggers import loggers_command  # noqa: E402
 from lmkit.cli.pack import bench_pack_command, pack_command  # noqa: E402
 from lmkit.cli.record import record_command  # noqa: E402
+from lmkit.cli.rotation import bench_rotation_command  # noqa: E402
 from lmkit.cli.sample import bench_sample_command, sample_command  # noqa: E402
 
 cli.add_command(loggers_command)
@@ -613,6 +621,7 @@ cli.add_command(record_command)
 cli.add_command(sample_command)
 bench.add_command(bench_pack_command)
 bench.add_command(bench_sample_command)
+bench.add_command(bench_rotation_command)
 
 
 # -- entry point -------------------------------------------------------------------------------

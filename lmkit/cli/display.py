@@ -138,7 +138,10 @@ class TrainDisplay:
         if not self.quiet:
             console.print(
                 f"done: {summary['steps']} steps, {fmt_count(summary['tokens'])} tokens in "
-                f"{fmt_seconds(summary['seconds'])} → {summary['run_dir']}"
+                f"{fmt_seconds(summary['seconds'])} of training"
+                + (f" (+ {fmt_seconds(summary['val_seconds'])} validating)"
+                   if summary.get("val_seconds") else "")
+                + f" → {summary['run_dir']}"
             )
 
 

@@ -1,7 +1,8 @@
 """Checkpoints: tensors in safetensors (no pickle), everything else in JSON, crash-safe.
 
 A checkpoint is a directory ``checkpoint/`` holding ``model.safetensors``, ``optim.safetensors``
-(optimizer tensors and RNG states) and ``state.json`` (step, tokens, loader position, optimizer
+(optimizer tensors and RNG states), ``ema.safetensors`` when the run keeps an EMA of its weights
+(:mod:`lmkit.core.ema`) and ``state.json`` (step, tokens, loader position, optimizer
 param groups, and the sizes of the two tensor files). A save writes a complete copy into
 ``.checkpoint.tmp/`` (each file fsynced, ``state.json`` last: its presence, with matching file
 sizes, is what makes a copy *complete*), then swaps it in with two renames::
@@ -17,6 +18,7 @@ one without changing anything; the trainer, which holds the run's lock, promotes
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -37,8 +39,10 @@ BAD_DIR = f".{CHECKPOINT_DIR}.bad"
 STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.safetensors"
+EMA_FILE = "ema.safetensors"
 FORMAT = "lmkit-checkpoint/1"
 STATE_KEYS = ("step", "tokens", "seconds", "loader", "optimizers")
+OPTIONAL_SECONDS = ("val_seconds", "clock_seconds")
 
 
 def _flatten_optimizer(i: int, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -138,8 +142,10 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizers: list[torch.optim.Optimizer],
     state: dict[str, Any],
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write model, optimizer and loop state; return the checkpoint directory.
+    """Write model, optimizer and loop state (and ``ema``, the weights' average, when the run
+    keeps one); return the checkpoint directory.
 
     A full disk raises one :class:`~lmkit.core.atomic.DiskFullError` and leaves the previous
     checkpoint as it was (the temporary copy is removed).
@@ -159,6 +165,9 @@ def save_checkpoint(
         opt_meta.append(meta)
     blobs = {MODEL_FILE: serialize(weights, metadata={"format": FORMAT}),
              OPTIM_FILE: serialize(opt_tensors, metadata={"format": FORMAT})}
+    if ema is not None:
+        _check_finite(ema)
+        blobs[EMA_FILE] = serialize(ema, metadata={"format": FORMAT})
     payload = {"format": FORMAT, **state, "optimizers": opt_meta,
                "files": {name: len(blob) for name, blob in blobs.items()}}
     shutil.rmtree(tmp, ignore_errors=True)
@@ -213,6 +222,12 @@ def read_state(run_dir: Path, ckpt: Path | None = None) -> dict[str, Any]:
     if lacking:
         raise LmkitError(f"{path} is incomplete (no {', '.join(lacking)}); restore the checkpoint "
                          f"or train the run again")
+    for key in OPTIONAL_SECONDS:  # newer clocks; absent in older checkpoints
+        value = state.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
+            raise LmkitError(f"{path}: {key} is {value!r}, not a number of seconds; it is "
+                             "damaged: restore the checkpoint or train the run again")
     return state
 
 
@@ -250,6 +265,16 @@ def load_model_weights(run_dir: Path, model: torch.nn.Module, ckpt: Path | None 
     except RuntimeError as exc:
         raise LmkitError(f"{path} does not load into the run's model: "
                          f"{str(exc).splitlines()[0]}") from None
+
+
+def read_ema(run_dir: Path, ckpt: Path | None = None) -> dict[str, torch.Tensor] | None:
+    """The weights' average saved with the run's newest complete checkpoint (or ``ckpt``), or
+    None when that checkpoint holds none (its ``state.json`` lists the files it holds)."""
+    ckpt = _resolve(run_dir, ckpt)
+    files = read_state(run_dir, ckpt).get("files")
+    if not isinstance(files, dict) or EMA_FILE not in files:
+        return None
+    return _load_tensors(ckpt / EMA_FILE)
 
 
 def _load_optimizer(path: Path, i: int, opt: torch.optim.Optimizer,

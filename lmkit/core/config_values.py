@@ -38,6 +38,7 @@ MAX_SEQ_LEN = 1 << 20
 MAX_BATCH_TOKENS = 1 << 32
 MAX_STEPS = 10**12
 MAX_SECONDS = 366 * 24 * 3600.0  # --time: a year
+MAX_PRIME_STEPS = 10_000  # untimed warm-up steps: the baseline runs 20
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 DEVICE_RE = r"auto|cpu|cuda|cuda:\d{1,3}|mps"
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # a registered name (logger, objective, ...)
@@ -166,6 +167,8 @@ def check_train(t: TrainConfig, where: str | None = None) -> None:
         _int_in(t, "train", name, 0, MAX_STEPS, where)
     _int_in(t, "train", "val_tokens", 1, MAX_BATCH_TOKENS, where)
     _int_in(t, "train", "seed", 0, MAX_SEED, where)
+    _int_in(t, "train", "prime_steps", 0, MAX_PRIME_STEPS, where)
+    _float_in(t, "train", "ema", 0.0, 1.0, where, hi_open=True)
     if not re.fullmatch(DEVICE_RE, t.device):
         raise _bad("train.device", t.device, "expected auto, cpu, cuda or cuda:N", where)
     if not isinstance(t.log, list) or not all(

@@ -1,8 +1,17 @@
-"""Planning a training run: its resolved config and run directory, fresh or resumed."""
+"""Planning a training run: its resolved config and run directory, fresh or resumed, and its
+budget with the learning-rate schedule that spends it.
+
+With a time budget (``--time``, the parameter-golf rule) the schedule is a function of the
+elapsed fraction of the cap: the warmdown ends at the cap. The fraction a step is scheduled at is
+where that step is predicted to *end* (training seconds so far plus the recent mean step time,
+:class:`Pace`; :func:`scheduled_end`), so the step predicted to reach the cap runs at the floor
+and is the last one.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +25,67 @@ from lmkit.errors import LmkitError
 
 # What a resumed run may change: its budget and bookkeeping, never what it learns.
 RESUMABLE_TRAIN_KEYS = {"steps", "tokens", "time", "log_every", "val_every", "val_tokens",
-                        "ckpt_every", "ckpt_seconds", "device", "compile", "log"}
+                        "ckpt_every", "ckpt_seconds", "device", "compile", "log", "prime_steps"}
+PACE_WINDOW = 16  # steps whose mean duration predicts the next one
+
+
+@dataclass
+class Budget:
+    steps: int
+    tokens: int
+    seconds: float
+
+    def progress(self, step: int, tokens: int, seconds: float) -> float:
+        """Fraction of the budget used: the largest of the budgets that are set."""
+        parts = [step / self.steps if self.steps else 0.0,
+                 tokens / self.tokens if self.tokens else 0.0,
+                 seconds / self.seconds if self.seconds else 0.0]
+        return max(parts)
+
+
+def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_frac: float) -> float:
+    """Linear warmup over steps, constant, then linear decay to 0 over the last fraction."""
+    mult = 1.0
+    if warmup_steps and step < warmup_steps:
+        mult = (step + 1) / warmup_steps
+    if warmdown_frac > 0 and progress > 1 - warmdown_frac:
+        mult = min(mult, max(0.0, (1 - progress) / warmdown_frac))
+    return mult
+
+
+class Pace:
+    """The mean duration of the last ``PACE_WINDOW`` steps: how far the next step will move the
+    clock. A window (not the whole run's mean) follows a machine that speeds up or slows down."""
+
+    def __init__(self, window: int = PACE_WINDOW) -> None:
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self._recent.append(seconds)
+
+    def estimate(self) -> float:
+        """Predicted seconds of the next step (0 before the first one: nothing is known)."""
+        return sum(self._recent) / len(self._recent) if self._recent else 0.0
+
+
+def scheduled_end(budget: Budget, seconds: float, pace: Pace) -> float:
+    """The training clock a step is scheduled to end at: ``seconds`` so far plus the predicted
+    step. A step predicted to end within half a step of the time cap is scheduled at the cap, so
+    it runs at the floor and is the last: the next one would end further past the cap than this
+    one ends before it. Stopping is thus within about half a step of the cap."""
+    step = pace.estimate()
+    end = seconds + step
+    if budget.seconds and end + step / 2 >= budget.seconds:
+        return max(end, budget.seconds)
+    return end
+
+
+def budget_done(budget: Budget, state: dict[str, Any]) -> bool:
+    """Whether a checkpoint's loop state has spent ``budget``: the time part counts the clock the
+    last step was scheduled at (``clock_seconds``; older checkpoints: their seconds), which is
+    how the loop itself stops."""
+    clock = float(state.get("clock_seconds", state["seconds"]))
+    return budget.progress(int(state["step"]), int(state["tokens"]), clock) >= 1.0
 
 
 @dataclass

@@ -7,7 +7,7 @@
       run.json           environment (versions, device, git SHA, plugins), data, model, tokens
       tokenizer.model    copy of the tokenizer the run was trained with
       metrics.jsonl      one JSON record per log step and per validation
-      checkpoint/        model.safetensors, optim.safetensors, state.json
+      checkpoint/        model.safetensors, optim.safetensors, state.json (+ ema.safetensors)
       val.bin            the validation stream, when small (so evaluation needs only the run)
       eval.json          the latest `lmkit eval` result
       evals/             every evaluation, one file per protocol (see lmkit.core.evalstore)
@@ -35,10 +35,12 @@ from lmkit.core import config as config_mod
 from lmkit.core.build import Setup, build
 from lmkit.core.checkpoint import (
     CHECKPOINT_DIR,
+    EMA_FILE,
     MODEL_FILE,
     STATE_FILE,
     find_checkpoint,
     load_model_weights,
+    read_ema,
     read_state,
 )
 from lmkit.core.data import (
@@ -49,6 +51,7 @@ from lmkit.core.data import (
     read_shard_header,
     write_shard,
 )
+from lmkit.core.ema import load_ema_into
 from lmkit.core.tokenizer import Tokenizer
 from lmkit.errors import LmkitError
 from lmkit.protocols import TokenSpec
@@ -248,6 +251,7 @@ class Run(Setup):
     meta: dict[str, Any]
     state: dict[str, Any]
     export: dict[str, Any] | None = None  # an export folder's config.json (see core.export)
+    weights: str = "raw"  # "ema": the model holds the checkpoint's weight average (train.ema)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -325,9 +329,20 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     setup = build(cfg, tokenizer=tokenizer, tokens=tokens, model_cfg=model_cfg, device=device)
     load_model_weights(run_dir, setup.model, ckpt)
     check_finite(setup.model, weights)
+    kind = "raw"
+    if cfg.train.ema > 0 and exported is not None:
+        kind = "ema"  # an export holds the weights load_run gave it: the average
+    elif cfg.train.ema > 0:  # the run kept an average of its weights: it is what is scored
+        average = read_ema(run_dir)
+        if average is None:
+            raise LmkitError(f"{run_dir}: trained with train.ema={cfg.train.ema} but its "
+                             f"checkpoint holds no {EMA_FILE}; the checkpoint is damaged")
+        load_ema_into(setup.model, average, str(weights.parent / EMA_FILE))
+        kind = "ema"
     setup.model.eval()
     fields = {f.name: getattr(setup, f.name) for f in dataclasses.fields(Setup)}
-    return Run(**fields, path=run_dir, meta=meta, state=state, export=exported)
+    return Run(**fields, path=run_dir, meta=meta, state=state, export=exported,
+               weights=kind)
 
 
 def check_weights_file(path: Path, model_cfg: Any, vocab_size: int, n_special: int) -> None:

@@ -10,6 +10,12 @@ SIGINT/SIGTERM; one process per run directory (:mod:`lmkit.core.runlock`); a non
 gradient norm stops the run before anything damaged is saved. ``python -m
 lmkit.core.bench.killtest`` SIGKILLs a run at random moments and checks it still ends bitwise
 equal to the uninterrupted run.
+
+Wall-clock runs: with ``train.time`` each step is scheduled at the fraction of the cap where it is
+predicted to end, so the last step runs at the LR floor (:mod:`lmkit.core.plan`); the clock counts
+training steps only (validation has its own, ``val_seconds``); ``train.prime_steps`` warm up
+before it starts and are undone (:mod:`lmkit.core.prime`). ``train.ema`` keeps an fp32 average of
+the weights that validation (and eval, pack, sample) score (:mod:`lmkit.core.ema`).
 """
 
 from __future__ import annotations
@@ -28,14 +34,22 @@ import torch
 from lmkit.core import atomic, runs
 from lmkit.core import config as config_mod
 from lmkit.core.build import Setup, batch_geometry, build, check_declared
-from lmkit.core.checkpoint import load_checkpoint, save_checkpoint
+from lmkit.core.checkpoint import load_checkpoint, read_ema, save_checkpoint
 from lmkit.core.config import RunConfig
 from lmkit.core.data import DataSource, RotatingLoader, load_val_tokens
 from lmkit.core.device import synchronize
+from lmkit.core.ema import WeightEMA, ema_weights
 from lmkit.core.evaluate import run_evaluation
 from lmkit.core.loggers import Loggers, open_run_loggers
 from lmkit.core.optim import build_optimizers, set_schedule
 from lmkit.core.perf import measure_peak_flops
+from lmkit.core.plan import (  # noqa: F401  (Budget, lr_multiplier: re-exported)
+    Budget,
+    Pace,
+    lr_multiplier,
+    scheduled_end,
+)
+from lmkit.core.prime import prime
 from lmkit.core.runlock import LOCK_FILE, RunLock
 from lmkit.core.trunk import count_params, flops_per_token
 from lmkit.errors import LmkitError
@@ -60,20 +74,6 @@ class NullObserver:
     def on_end(self, summary: dict[str, Any]) -> None: ...
 
 
-@dataclass
-class Budget:
-    steps: int
-    tokens: int
-    seconds: float
-
-    def progress(self, step: int, tokens: int, seconds: float) -> float:
-        """Fraction of the budget used: the largest of the budgets that are set."""
-        parts = [step / self.steps if self.steps else 0.0,
-                 tokens / self.tokens if self.tokens else 0.0,
-                 seconds / self.seconds if self.seconds else 0.0]
-        return max(parts)
-
-
 def trusted_mfu(flops_per_s: float, peak: float | None) -> float | None:
     """Model FLOP/s over the matmul peak measured at start-up, or None where that peak cannot
     be trusted: none measured, or a ratio above 1 (the peak was measured under other
@@ -82,16 +82,6 @@ def trusted_mfu(flops_per_s: float, peak: float | None) -> float | None:
         return None
     mfu = flops_per_s / peak
     return mfu if 0 <= mfu <= 1 else None
-
-
-def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_frac: float) -> float:
-    """Linear warmup over steps, constant, then linear decay to 0 over the last fraction."""
-    mult = 1.0
-    if warmup_steps and step < warmup_steps:
-        mult = (step + 1) / warmup_steps
-    if warmdown_frac > 0 and progress > 1 - warmdown_frac:
-        mult = min(mult, max(0.0, (1 - progress) / warmdown_frac))
-    return mult
 
 
 @dataclass
@@ -267,12 +257,21 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
     log = runs.MetricsLog(run_dir / runs.METRICS_FILE, loggers)
 
     step, tokens_seen, train_seconds, trained_tokens = 0, 0, 0.0, 0
+    val_seconds = 0.0  # validation's wall clock, kept apart from the training clock
     window = LogWindow()
     ckpt_step: int | None = None
+    ema = WeightEMA(model, t.ema) if t.ema > 0 else None
     if resume:
         state = load_checkpoint(run_dir, model, optimizers)
         step, tokens_seen, train_seconds = state["step"], state["tokens"], state["seconds"]
         trained_tokens = int(state.get("trained_tokens", tokens_seen))
+        val_seconds = float(state.get("val_seconds", 0.0))
+        if ema is not None:
+            saved = read_ema(run_dir)
+            if saved is None:
+                raise LmkitError(f"{run_dir}: train.ema={t.ema} but the checkpoint holds no "
+                                 "weight average (ema.safetensors); the checkpoint is damaged")
+            ema.load_state_dict(saved, f"{run_dir} ema.safetensors")
         loader.load_state_dict(state["loader"])
         if isinstance(state.get("log_window"), dict):
             window = LogWindow(**state["log_window"])
@@ -284,6 +283,14 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
     start_step = step
 
     step_model = torch.compile(model) if t.compile else model
+    # The time budget's clock: where the last step was scheduled to end (lmkit.core.plan), so
+    # the step that reaches the cap runs at the schedule's floor and is the last.
+    clock_seconds = float(state.get("clock_seconds", train_seconds)) if resume else train_seconds
+    to_train = budget.progress(step, tokens_seen, clock_seconds) < 1.0
+    prime_seconds = prime(t.prime_steps if to_train else 0,
+                          lambda i: train_step(setup, step_model, optimizers, loader, accum,
+                                               step + i),
+                          model, optimizers, loader)
     n_params = count_params(model)
     flops_tok = flops_per_token(model.cfg, n_params, t.seq_len, data.vocab_size)
     peak = measure_peak_flops(device, setup.precision)
@@ -292,33 +299,44 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         "params": n_params, "device": str(device), "precision": setup.precision,
         "tokens_per_step": tokens_per_step, "accum": accum, "budget": dataclasses.asdict(budget),
         "resumed_at": step if resume else None, "peak_flops": peak,
+        "prime_seconds": prime_seconds, "weights": "raw" if ema is None else "ema",
     }
     observer.on_start(info)
 
     def validate() -> list[dict[str, Any]]:
+        nonlocal val_seconds
+        v0 = time.perf_counter()
         ctx = setup.eval_context(val_tokens, purpose="validation")
-        metrics = [m.to_dict() for m in run_evaluation(model, objective, ctx)]
+        with ema_weights(ema):
+            metrics = [m.to_dict() for m in run_evaluation(model, objective, ctx)]
+        val_seconds += time.perf_counter() - v0
         record = {"type": "val", "step": step, "tokens": tokens_seen,
-                  "seconds": train_seconds, "metrics": metrics}
+                  "seconds": train_seconds, "train_seconds": train_seconds,
+                  "val_seconds": round(val_seconds, 3),
+                  "weights": "raw" if ema is None else "ema", "metrics": metrics}
         log.write(record)
         observer.on_val(record)
         return metrics
 
     def checkpoint() -> None:
         nonlocal ckpt_step, last_ckpt
+        average = {} if ema is None else {"ema": ema.state_dict()}
         save_checkpoint(run_dir, model, optimizers, {
             "step": step, "tokens": tokens_seen, "seconds": train_seconds,
             "trained_tokens": trained_tokens, "loader": loader.state_dict(),
-            "log_window": dataclasses.asdict(window),
-        })
+            "log_window": dataclasses.asdict(window), "val_seconds": val_seconds,
+            "clock_seconds": clock_seconds,
+        }, **average)
         ckpt_step, last_ckpt = step, time.perf_counter()
 
     model.train()
     window_t0 = last_ckpt = time.perf_counter()
     last_val: list[dict[str, Any]] = []
-    while budget.progress(step, tokens_seen, train_seconds) < 1.0:
+    pace = Pace()  # recent step times: how far the next step moves the clock
+    while budget.progress(step, tokens_seen, clock_seconds) < 1.0:
         t0 = time.perf_counter()
-        progress = budget.progress(step, tokens_seen, train_seconds)
+        scheduled = scheduled_end(budget, train_seconds, pace)  # where this step should end
+        progress = budget.progress(step, tokens_seen, scheduled)
         mult = lr_multiplier(step, progress, t.warmup_steps, t.warmdown_frac)
         set_schedule(optimizers, cfg.optim, step, mult)
         stats = train_step(setup, step_model, optimizers, loader, accum, step)
@@ -336,18 +354,25 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         tokens_seen += tokens_per_step
         trained_tokens += stats.tokens
         window.add(stats, tokens_per_step)
-        train_seconds += time.perf_counter() - t0
+        if ema is not None:
+            ema.update(step - 1)
+        step_seconds = time.perf_counter() - t0
+        train_seconds += step_seconds
+        pace.add(step_seconds)
+        clock_seconds = scheduled
 
-        done = budget.progress(step, tokens_seen, train_seconds) >= 1.0
-        observer.on_step(step, min(budget.progress(step, tokens_seen, train_seconds), 1.0))
+        done = budget.progress(step, tokens_seen, clock_seconds) >= 1.0
+        observer.on_step(step, min(budget.progress(step, tokens_seen, clock_seconds), 1.0))
         if step % t.log_every == 0 or done or step == 1:
             synchronize(device)
             elapsed = time.perf_counter() - window_t0
             tok_s = window.tokens / elapsed if elapsed > 0 else 0.0
-            frac = budget.progress(step, tokens_seen, train_seconds)
+            frac = budget.progress(step, tokens_seen, clock_seconds)
             record = {
                 "type": "train", "step": step, "tokens": tokens_seen,
-                "seconds": round(train_seconds, 3), "loss": window.loss / window.n,
+                "seconds": round(train_seconds, 3), "train_seconds": round(train_seconds, 3),
+                "val_seconds": round(val_seconds, 3), "clock_seconds": clock_seconds,
+                "loss": window.loss / window.n,
                 "trained_tokens": trained_tokens,
                 "loss_metrics": {k: v / window.n for k, v in window.metrics.items()},
                 "lr_mult": mult, "tok_s": tok_s,
@@ -382,6 +407,8 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
     summary = {
         "run_dir": str(run_dir), "objective": cfg.objective, "steps": step,
         "tokens": tokens_seen, "trained_tokens": trained_tokens, "seconds": train_seconds,
+        "train_seconds": train_seconds, "val_seconds": val_seconds,
+        "prime_seconds": prime_seconds, "weights": "raw" if ema is None else "ema",
         "params": n_params,
         "tok_s": tokens_seen / train_seconds if train_seconds else None, "val": last_val,
     }

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-TIMING = {"seconds", "tok_s", "mfu", "eta_s"}
+TIMING = {"seconds", "train_seconds", "val_seconds", "clock_seconds", "tok_s", "mfu", "eta_s"}
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -207,6 +207,9 @@ def kill_test(
 
     equal_weights = _weights_equal(ref / "checkpoint" / "model.safetensors",
                                    victim / "checkpoint" / "model.safetensors")
+    ema = [d / "checkpoint" / "ema.safetensors" for d in (ref, victim)]
+    if any(p.exists() for p in ema):  # train.ema: the weights' average must match too
+        equal_weights = equal_weights and all(p.exists() for p in ema) and _weights_equal(*ema)
     equal_metrics = _records(ref) == _records(victim)
     starts = [k["left"] for k in report_kills if not k["finished_first"]]
     summary = {
@@ -220,7 +223,8 @@ def kill_test(
         f"{summary['restart_no_checkpoint']} restarted from step 0 (run files, no checkpoint), "
         f"{summary['fresh_start']} started afresh (killed before any run file); "
         f"{summary['mid_save_recoveries']} promoted an interrupted checkpoint save; "
-        f"weights bitwise equal: {equal_weights}; metrics equal: {equal_metrics}")
+        f"weights{' and their EMA' if ema[0].exists() else ''} bitwise equal: "
+        f"{equal_weights}; metrics equal: {equal_metrics}")
     return {"work": str(work), "reference_seconds": ref_seconds, "kills": report_kills,
             "summary": summary, "equal_weights": equal_weights, "equal_metrics": equal_metrics}
 

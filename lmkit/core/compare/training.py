@@ -18,8 +18,9 @@ from lmkit.core.config import resolve_config
 from lmkit.core.data import open_for_training
 from lmkit.core.device import release_memory
 from lmkit.core.evaluate import evaluate_run
+from lmkit.core.plan import Budget, budget_done
 from lmkit.core.registry import get_objective
-from lmkit.core.train import Budget, train
+from lmkit.core.train import train
 from lmkit.errors import LmkitError
 
 
@@ -162,8 +163,7 @@ def _run_plan(run_dir: Path, cfg: Any) -> str:
         return "restart"
     state = runs.read_run_state(run_dir)
     t = cfg.train
-    done = Budget(t.steps, t.tokens, t.time).progress(state["step"], state["tokens"],
-                                                      state["seconds"]) >= 1.0
+    done = budget_done(Budget(t.steps, t.tokens, t.time), state)
     return "reuse" if done else "resume"
 
 
