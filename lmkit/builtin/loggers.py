@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import os
 import secrets
 import sys
@@ -26,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from lmkit.core import jsonfile
 from lmkit.errors import LmkitError
 from lmkit.protocols import LoggerContext
 
@@ -97,7 +97,7 @@ class TensorBoardLogger:
         self.writer = writer_mod.SummaryWriter(log_dir=str(Path(ctx.run_dir) / "tensorboard"),
                                                purge_step=purge)
         if ctx.resumed_at is None:
-            config = json.dumps(ctx.config, indent=2, sort_keys=True)
+            config = jsonfile.dumps(ctx.config, indent=2, sort_keys=True)
             self.writer.add_text("config", "```\n" + config + "\n```", global_step=0)
 
     def log(self, record: dict[str, Any]) -> None:

@@ -11,7 +11,6 @@ records every shard it reads, so the pass is checked to read each shard exactly 
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import subprocess
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from lmkit.core import jsonfile
 from lmkit.core.data.shards import write_shard
 from lmkit.errors import LmkitError
 
@@ -118,15 +118,16 @@ def bench_rotation(*, shards: int = 40, shard_tokens: int = 4_000_000, group_siz
                 f"one pass holding {group_size} at a time…")
         root = str(Path(__file__).resolve().parents[3])
         env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        code = ("import json, sys; from lmkit.core.bench.rotation import child_pass; "
-                "print(json.dumps(child_pass(*json.loads(sys.argv[1]))))")
-        args = json.dumps([tmp, group_size, batch_size, seq_len, seed])
+        code = ("import sys; from lmkit.core.jsonfile import dumps, loads; "
+                "from lmkit.core.bench.rotation import child_pass; "
+                "print(dumps(child_pass(*loads(sys.argv[1], \"argv\"))))")
+        args = jsonfile.dumps([tmp, group_size, batch_size, seq_len, seed])
         proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True,
                               text=True, env=env)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise LmkitError(f"the rotation benchmark's child process failed: {tail}")
-        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        child = jsonfile.loads(proc.stdout.strip().splitlines()[-1], "the child's report")
     group_bytes = 2 * sum(sorted(sizes, reverse=True)[:group_size])
     rise = child["peak_rss"] - child["baseline_rss"]
     visited = child.pop("visited")
