@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmkit.core import distributed
 from lmkit.core.bpb import Metric
 from lmkit.core.masking import (
     RNG_DESCRIPTION,
@@ -102,7 +103,8 @@ class MaskReconObjective:
             "stderr_method": "delta method of the ratio of sums, rows as independent units",
             **common_detail(spec, rows),
         })
-        for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device):
+        for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device,
+                              within=distributed.shard(len(rows))):
             n = rb.x0.size(0)
             r = slice(rb.start, rb.start + n)
             u = keyed_uniforms(seed, stream, range(r.start, r.stop), len(RECON_TIMES), seq,
@@ -116,6 +118,7 @@ class MaskReconObjective:
                 count[i, r] = masked.sum(dim=1).double().cpu()
             tokens[r] = rb.maskable.sum(dim=1).cpu()
             bytes_[r] = row_bytes(ctx, rb).cpu()
+        distributed.all_sum(ce, count, tokens, bytes_)  # under torchrun: every rank's rows
         times = torch.tensor(RECON_TIMES, dtype=torch.float64)
         totals = count.sum(dim=1).clamp(min=1)
         ratio = ce.sum(dim=1) / totals                      # mean masked CE at each t

@@ -600,10 +600,17 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit status 1."""
     # A skipped plugin is reported as one line (the message names entry point and distribution).
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"{message}\n"
+    from lmkit.core import distributed
+
     try:
-        _add_plugin_commands()
-        cli.main(args=argv, prog_name="lmkit", standalone_mode=False)
+        with distributed.session():  # under torchrun: join its process group; rank 0 prints
+            console.quiet = output.quiet = not distributed.is_main()
+            _add_plugin_commands()
+            cli.main(args=argv, prog_name="lmkit", standalone_mode=False)
+    except distributed.MainRankError:
+        sys.exit(1)  # rank 0 raised it and prints it
     except LmkitError as exc:
+        console.quiet = False  # an error any rank meets alone is printed by that rank
         console.print(f"[red]Error:[/] {exc}", soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Abort:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lmkit import __version__
-from lmkit.core import evalstore, runs
+from lmkit.core import distributed, evalstore, runs
 from lmkit.core.bpb import Metric
 from lmkit.core.build import CallCounter
 from lmkit.core.device import resolve_device
@@ -135,7 +135,8 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", latest: bool = Tr
         units.update(stored[1])
         return {**stored[0], "reused_from": str(evalstore.record_path(run.path, proto))}
     result = evaluate_loaded(run, units=units, progress=progress, **scoring)
-    evalstore.save(run.path, result, units, latest=latest)
+    if distributed.is_main():
+        evalstore.save(run.path, result, units, latest=latest)
     return result
 
 
@@ -216,5 +217,6 @@ def evaluate_target(path: str | Path, *, device: str = "auto", judge: str | Path
         result["files"] = {"latest": str((run.path / runs.EVAL_FILE).resolve()),
                            "record": str(evalstore.record_path(run.path.resolve(),
                                                                result["protocol"]))}
-        evalstore.save(run.path, result, units, latest=True)
+        if distributed.is_main():
+            evalstore.save(run.path, result, units, latest=True)
     return result
