@@ -71,12 +71,16 @@ def test_accumulation_keeps_the_global_batch():
         assert got == list(range(8))
 
 
-def test_shards_partition_in_order():
+def test_shards_partition_in_order_on_batch_boundaries():
     for n in (0, 1, 5, 64, 1001):
         for world in (1, 2, 3, 8):
-            parts = [distributed.shard_of(n, r, world) for r in range(world)]
-            assert [i for p in parts for i in p] == list(range(n))
-            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+            for batch in (1, 4, 7):
+                parts = [distributed.shard_of(n, r, world, batch) for r in range(world)]
+                assert [i for p in parts for i in p] == list(range(n))
+                assert all(p.start % batch == 0 for p in parts if len(p))
+                full = [len(p) for p in parts if p.stop != n]  # the last share may be short
+                assert not full or max(full) - min(full) <= batch
+    assert distributed.shard(10, 4) == range(10)
 
 
 def test_micro_seeds_are_keyed_by_seed_step_and_index():

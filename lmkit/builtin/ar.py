@@ -88,7 +88,7 @@ class ARObjective:
                                            "seq_len": seq, "stride": stride,
                                            "windows": len(windows)}
         meter = ctx.meter(name, "exact", detail)
-        share = meter.shard(len(windows))  # under torchrun each rank scores its windows
+        share = meter.shard(len(windows), ctx.batch_size)  # under torchrun: this rank's
         windows = windows[share.start:share.stop]
         offsets = torch.arange(seq)
         for b in range(0, len(windows), ctx.batch_size):

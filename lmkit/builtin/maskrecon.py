@@ -104,7 +104,7 @@ class MaskReconObjective:
             **common_detail(spec, rows),
         })
         for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device,
-                              within=distributed.shard(len(rows))):
+                              within=distributed.shard(len(rows), ctx.batch_size)):
             n = rb.x0.size(0)
             r = slice(rb.start, rb.start + n)
             u = keyed_uniforms(seed, stream, range(r.start, r.stop), len(RECON_TIMES), seq,

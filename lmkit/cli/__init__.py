@@ -198,6 +198,11 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
     Checkpoints are written every train.ckpt_seconds (and train.ckpt_every steps) and on
     SIGINT/SIGTERM (exit status 130/143 after the checkpoint); a non-finite loss stops the run
     with the last good checkpoint kept. One process trains a run directory at a time.
+
+    \b
+    Data-parallel on N processes (GPUs, or CPU with --device cpu), same global batch and numbers:
+      torchrun --standalone --nproc-per-node 8 -m lmkit train --preset pg-baseline --data DIR
+    Multi-node: README, "Many processes and machines".
     """
     from lmkit.core.data import open_for_training
     from lmkit.core.plan import plan_training

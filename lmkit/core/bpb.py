@@ -230,13 +230,14 @@ class BpbMeter:
         self._outside: torch.Tensor | None = None  # positions that are not targets
         self.sharded = False  # each rank adds its share: totals are summed over ranks
 
-    def shard(self, n: int) -> range:
+    def shard(self, n: int, batch: int = 1) -> range:
         """This rank's contiguous share of ``n`` work items (windows, rows; all of them in one
-        process); the meter then sums its totals over ranks."""
+        process), in whole batches of ``batch`` as one process would batch them; the meter then
+        sums its totals over ranks."""
         from lmkit.core import distributed
 
         self.sharded = True
-        return distributed.shard(n)
+        return distributed.shard(n, batch)
 
     def _accumulators(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._sums is None or self._counts is None:

@@ -255,15 +255,20 @@ def agree_step(seconds: float, stop: bool) -> tuple[float, bool]:
     return float(packed[0]), bool(packed[1] > 0)
 
 
-def shard_of(n: int, rank: int, world: int) -> range:
-    """Rank ``rank``'s contiguous share of ``n`` items: the shares of all ranks partition
-    range(n) in order and differ in size by at most one."""
-    return range(n * rank // world, n * (rank + 1) // world)
+def shard_of(n: int, rank: int, world: int, batch: int = 1) -> range:
+    """Rank ``rank``'s contiguous share of ``n`` items in whole batches of ``batch``: the shares
+    of all ranks partition range(n) in order, differ by at most one batch, and start on batch
+    boundaries, so every batch holds the items one process would batch together (and a
+    model's float32 results per item do not change with the split)."""
+    batches = -(-n // batch)
+    lo, hi = batches * rank // world, batches * (rank + 1) // world
+    return range(min(lo * batch, n), min(hi * batch, n))
 
 
-def shard(n: int) -> range:
-    """This rank's contiguous share of ``n`` work items (all of them on one process)."""
-    return shard_of(n, rank(), world_size())
+def shard(n: int, batch: int = 1) -> range:
+    """This rank's contiguous share of ``n`` work items, in whole batches of ``batch`` (all of
+    them on one process)."""
+    return shard_of(n, rank(), world_size(), batch)
 
 
 def all_sum(*tensors: torch.Tensor) -> None:

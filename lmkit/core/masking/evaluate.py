@@ -54,7 +54,7 @@ def evaluate_masked(model: torch.nn.Module, ctx: Any, spec: MaskedSpec) -> list[
     if opts.chain_k:
         chain_groups(ctx.seq_len, opts.chain_k, opts.chain_order)  # fail before any work
     steps = parse_steps(opts.steps)
-    n_batches = math.ceil(len(distributed.shard(len(rows))) / ctx.batch_size)  # this rank's
+    n_batches = math.ceil(len(distributed.shard(len(rows), ctx.batch_size)) / ctx.batch_size)
     total = n_batches * (1 + len(steps) + (1 if opts.chain_k else 0))
     done = 0
 

@@ -100,7 +100,7 @@ def nelbo_rows(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: EvalRow
     tables: dict[int, AnyOrderTable] = {}
     plan = draw_plan(strata, paired=estimator == "any_order")
     for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device,
-                          within=distributed.shard(len(rows))):
+                          within=distributed.shard(len(rows), ctx.batch_size)):
         n = rb.x0.size(0)
         ids = range(rb.start, rb.start + n)
         u = keyed_uniforms(seed, stream, ids, samples, 2 * seq + 3, ctx.device)
