@@ -388,7 +388,11 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
+        whole = BpbMeter(toy_lut(), "whole", "exact")  # never sharded: every rank adds it all
+        whole.add(torch.tensor([4.0]), torch.tensor([3]), torch.tensor([1]))
+        Path(out_dir, f"whole{rank}.json").write_text(json.dumps(whole.metric().to_dict()))
         meter = BpbMeter(toy_lut(), "elbo", "upper_bound")
+        assert meter.shard(4) == range(2 * rank, 2 * rank + 2)  # contiguous halves
         if rank == 0:  # rank 1 adds no estimate: the stderr must still appear on every rank
             meter.add(torch.tensor([1.0, 2.0]), torch.tensor([2, 1]), torch.tensor([0, 2]))
             meter.add_estimate(torch.tensor([3.0]), torch.tensor([0.25]), torch.tensor([2]),
@@ -400,7 +404,7 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_meter_all_reduces_across_ranks(tmp_path):
+def test_sharded_meter_all_reduces_across_ranks(tmp_path):
     import torch.multiprocessing as mp
 
     # fork is ~100x faster than spawn (no torch re-import); the workers do only tiny tensor ops
@@ -413,3 +417,6 @@ def test_meter_all_reduces_across_ranks(tmp_path):
         assert (m.bytes, m.tokens) == (8, 4)
         assert m.value == pytest.approx(10.0 / math.log(2) / 8)
         assert m.stderr == pytest.approx(0.5 / math.log(2) / 8)
+        # a meter that was not sharded holds the whole evaluation: summing it would double it
+        w = Metric.from_dict(json.loads((tmp_path / f"whole{rank}.json").read_text()))
+        assert (w.bytes, w.tokens, w.value) == (2, 1, pytest.approx(4.0 / math.log(2) / 2))

@@ -98,6 +98,8 @@ class ARObjective:
                                            "seq_len": seq, "stride": stride,
                                            "windows": len(windows)}
         meter = ctx.meter(name, "exact", detail)
+        share = meter.shard(len(windows), ctx.batch_size)  # under torchrun: this rank's
+        windows = windows[share.start:share.stop]
         offsets = torch.arange(seq)
         for b in range(0, len(windows), ctx.batch_size):
             chunk = windows[b:b + ctx.batch_size]

@@ -211,6 +211,9 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
     evaluation on an fp32 EMA of the weights):
       lmkit train --preset pg-baseline --time 600 --set train.prime_steps=20 \\
         --set train.ema=0.999
+    Data-parallel on N processes (GPUs, or CPU with --device cpu), same global batch and numbers:
+      torchrun --standalone --nproc-per-node 8 -m lmkit train --preset pg-baseline --data DIR
+    Multi-node: README, "Many processes and machines".
     """
     from lmkit.core.data import open_for_training
     from lmkit.core.plan import plan_training
@@ -635,12 +638,19 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit status 1."""
     # A skipped plugin is reported as one line (the message names entry point and distribution).
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"{message}\n"
+    from lmkit.core import distributed
+
     try:
-        _add_plugin_commands()
-        cli.main(args=argv, prog_name="lmkit", standalone_mode=False)
+        with distributed.session():  # under torchrun: join its process group; rank 0 prints
+            console.quiet = output.quiet = not distributed.is_main()
+            _add_plugin_commands()
+            cli.main(args=argv, prog_name="lmkit", standalone_mode=False)
+    except distributed.MainRankError:
+        sys.exit(1)  # rank 0 raised it and prints it
     except LmkitError as exc:
         from rich.markup import escape
 
+        console.quiet = False  # an error any rank meets alone is printed by that rank
         console.print(f"[red]Error:[/] {escape(str(exc))}", soft_wrap=True)  # [extra] kept
         sys.exit(1)
     except click.exceptions.Abort:

@@ -23,6 +23,8 @@ def emit_json(data: Any) -> None:
 
     from lmkit.core.jsonfile import dumps
 
+    if output.quiet:  # under torchrun only rank 0 prints
+        return
     click.echo(dumps(data, indent=2))
 
 

@@ -213,7 +213,9 @@ class BpbMeter:
     """Accumulates nats and exact LUT bytes over exactly the scored tokens, then reports bpb.
 
     Sums stay float64/int64 tensors on the data's device so ``add`` never syncs the GPU;
-    ``metric()`` reads them once (all-reduced across ranks under torch.distributed).
+    ``metric()`` reads them once. Under torchrun, an objective that takes its share of the work
+    from :meth:`shard` adds only that share, and ``metric()`` all-reduces the sums in float64;
+    a meter never sharded holds the whole evaluation on every rank and is not reduced.
     """
 
     def __init__(self, lut: ByteLUT, name: str, kind: str, detail: dict | None = None,
@@ -226,6 +228,16 @@ class BpbMeter:
         self._counts: torch.Tensor | None = None  # int64 [bytes, tokens, estimate calls]
         self._hits: torch.Tensor | None = None  # times each stream position was scored
         self._outside: torch.Tensor | None = None  # positions that are not targets
+        self.sharded = False  # each rank adds its share: totals are summed over ranks
+
+    def shard(self, n: int, batch: int = 1) -> range:
+        """This rank's contiguous share of ``n`` work items (windows, rows; all of them in one
+        process), in whole batches of ``batch`` as one process would batch them; the meter then
+        sums its totals over ranks."""
+        from lmkit.core import distributed
+
+        self.sharded = True
+        return distributed.shard(n, batch)
 
     def _accumulators(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._sums is None or self._counts is None:
@@ -359,7 +371,7 @@ class BpbMeter:
             counts = torch.zeros(3, dtype=torch.int64, device=sums.device)
         else:
             sums, counts = self._sums.clone(), self._counts.clone()
-        if _distributed():
+        if self.sharded and _distributed():
             import torch.distributed as dist
 
             dist.all_reduce(sums)
@@ -390,6 +402,6 @@ def _dist_device() -> torch.device:
     if _distributed():
         import torch.distributed as dist
 
-        if dist.get_backend() == "nccl":
+        if "gloo" not in dist.get_backend():
             return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -113,8 +113,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {},
         "optim": {"name": "muon"},
         "data": {"group_size": 8},
-        "train": {"seq_len": 1024, "batch_tokens": 524288, "steps": 20000, "warmup_steps": 0,
-                  "warmdown_frac": 0.06, "log_every": 50, "val_every": 1000,
+        "train": {"seq_len": 1024, "batch_tokens": 524288, "micro_batch": 64, "steps": 20000,
+                  "warmup_steps": 0, "warmdown_frac": 0.06, "log_every": 50, "val_every": 1000,
                   "val_tokens": 1048576, "ckpt_every": 1000},
     },
     "pg-mdlm": {

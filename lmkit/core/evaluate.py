@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lmkit import __version__
-from lmkit.core import evalstore, runs
+from lmkit.core import distributed, evalstore, runs
 from lmkit.core.bpb import Metric
 from lmkit.core.build import CallCounter
 from lmkit.core.contexts import UNSTATED, protocol_of
@@ -150,7 +150,8 @@ def evaluate_stored(run: runs.Run, *, latest: bool = True, reuse: bool = False,
         units.update(stored[1])
         return {**stored[0], "reused_from": str(evalstore.record_path(run.path, proto))}
     result = evaluate_loaded(run, units=units, progress=progress, **scoring)
-    evalstore.save(run.path, result, units, latest=latest)
+    if distributed.is_main():
+        evalstore.save(run.path, result, units, latest=latest)
     return result
 
 
@@ -236,5 +237,6 @@ def evaluate_target(path: str | Path, *, device: str = "auto", judge: str | Path
         result["files"] = {"latest": str((run.path / runs.EVAL_FILE).resolve()),
                            "record": str(evalstore.record_path(run.path.resolve(),
                                                                result["protocol"]))}
-        evalstore.save(run.path, result, units, latest=True)
+        if distributed.is_main():
+            evalstore.save(run.path, result, units, latest=True)
     return result

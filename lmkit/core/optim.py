@@ -87,15 +87,25 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Under torch.distributed (gradients already averaged over ranks) rank r runs the
+        Newton-Schulz iteration of every world_size-th matrix only, and one all-reduce shares
+        the updates, as the parameter-golf baseline's Muon does; every rank keeps every momentum
+        buffer (cheap), so any rank's state is the whole optimizer's."""
+        import torch.distributed as dist
+
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        me = dist.get_rank() if world > 1 else 0
         for group in self.param_groups:
             m = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            shared = (torch.zeros(sum(p.numel() for p in params), dtype=torch.float32,
+                                  device=params[0].device) if world > 1 and params else None)
+            offset = 0
+            for i, p in enumerate(params):
                 g = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -104,9 +114,21 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(m).add_(g)
                 if group["nesterov"]:
                     g = g.add(buf, alpha=m)
-                update = newton_schulz(g, steps=group["ns_steps"])
-                update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                if shared is None or i % world == me:
+                    update = newton_schulz(g, steps=group["ns_steps"])
+                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    if shared is None:
+                        p.add_(update.to(p.dtype), alpha=-group["lr"])
+                    else:  # bf16 -> fp32 is exact: every rank applies the owner's update
+                        shared[offset:offset + p.numel()] = update.reshape(-1).float()
+                offset += p.numel()
+            if shared is not None:
+                dist.all_reduce(shared)  # each entry is one rank's value plus zeros: exact
+                offset = 0
+                for p in params:
+                    update = shared[offset:offset + p.numel()].view_as(p)
+                    p.add_(update.to(p.dtype), alpha=-group["lr"])
+                    offset += p.numel()
         return loss
 
 

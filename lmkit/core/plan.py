@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmkit.core import atomic, runs
+from lmkit.core import atomic, distributed, runs
 from lmkit.core import config as config_mod
 from lmkit.core.config import RunConfig
 from lmkit.core.loggers import check_loggers
@@ -134,7 +134,8 @@ def plan_training(
     if stored is not None and config_file is None:
         _check_resumable(config_mod.resolve_config(config_file=stored), cfg, run_dir)
     if run_dir is None:
-        run_dir = runs.default_run_dir(cfg.objective, cfg.preset)
+        # under torchrun every rank trains into rank 0's directory (named by its clock)
+        run_dir = distributed.broadcast_object(runs.default_run_dir(cfg.objective, cfg.preset))
     return TrainPlan(cfg, Path(run_dir), resuming, restarting)
 
 

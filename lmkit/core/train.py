@@ -20,6 +20,7 @@ the weights that validation (and eval, pack, sample) score (:mod:`lmkit.core.ema
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -31,7 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
-from lmkit.core import atomic, runs
+from lmkit.core import atomic, distributed, runs
 from lmkit.core import config as config_mod
 from lmkit.core.build import Setup, batch_geometry, build, check_declared
 from lmkit.core.checkpoint import load_checkpoint, read_ema, save_checkpoint
@@ -109,12 +110,14 @@ def _grad_norm(model: torch.nn.Module, grad_clip: float) -> torch.Tensor | None:
 
 def train_step(setup: Setup, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                loader: RotatingLoader, accum: int, step: int) -> StepStats:
-    """One optimizer step over ``accum`` micro-batches."""
+    """One optimizer step over ``accum`` micro-batches (per rank: the step's global batch is
+    ``accum * world_size``; see :mod:`lmkit.core.distributed`)."""
     loss_sum = torch.zeros((), device=setup.device)
     metric_sums: dict[str, float] = {}
     tokens = 0
-    for _ in range(accum):
+    for i in range(accum):
         batch = Batch(tokens=loader.next_batch().to(setup.device, non_blocking=True), step=step)
+        distributed.seed_micro_batch(setup.cfg.train.seed, step, distributed.micro_index(i))
         with setup.autocast():
             out = setup.objective.loss(model, batch)
         (out.loss / accum).backward()
@@ -122,6 +125,8 @@ def train_step(setup: Setup, model: torch.nn.Module, optimizers: list[torch.opti
         for key, value in out.metrics.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
         tokens += batch.tokens[:, 1:].numel() if out.tokens is None else int(out.tokens)
+    loss_sum, metric_sums, tokens = distributed.sum_step_stats(loss_sum, metric_sums, tokens)
+    distributed.sum_gradients(setup.model)
     norm = _grad_norm(setup.model, setup.cfg.optim.grad_clip)
     for opt in optimizers:
         opt.step()
@@ -132,7 +137,8 @@ def train_step(setup: Setup, model: torch.nn.Module, optimizers: list[torch.opti
         loss, grad_norm = float(loss_sum), None
     else:
         loss, grad_norm = torch.stack([loss_sum, norm.detach().float()]).tolist()
-    return StepStats(loss / accum, {k: v / accum for k, v in metric_sums.items()}, tokens,
+    total = accum * distributed.world_size()
+    return StepStats(loss / total, {k: v / total for k, v in metric_sums.items()}, tokens,
                      grad_norm)
 
 
@@ -209,6 +215,7 @@ def _write_run_files(run_dir: Path, setup: Setup, data: DataSource) -> None:
                    "special": dict(setup.tokens.special)},
         "data": data.describe(),
         "environment": runs.environment(setup.device),
+        "distributed": distributed.describe(),
         "precision": setup.precision,
     })
 
@@ -231,16 +238,27 @@ def train(
     without checkpointing the damaged weights.
     """
     run_dir = Path(run_dir)
-    with RunLock(run_dir), StopSignals() as stop:
+
+    def claim(stack: contextlib.ExitStack) -> None:
+        stack.enter_context(RunLock(run_dir))
         if not (resume or restart) and any(not p.name.startswith(LOCK_FILE)
                                            for p in run_dir.iterdir()):
             raise LmkitError(
                 f"{run_dir} already exists and is not empty; pass --resume auto to continue it "
                 f"or choose another --out"
             )
-        with open_run_loggers(cfg, run_dir, resume) as loggers:  # train.log, beside the JSONL
-            return _train(cfg, data, run_dir, resume=resume, restart=restart,
-                          observer=observer or NullObserver(), stop=stop, loggers=loggers)
+
+    with contextlib.ExitStack() as stack:
+        def claim_and_open() -> Loggers:  # under torchrun rank 0 holds the lock and the loggers
+            claim(stack)
+            return stack.enter_context(open_run_loggers(cfg, run_dir, resume))  # train.log
+
+        loggers = distributed.on_main(claim_and_open) or Loggers()
+        stop = stack.enter_context(StopSignals())
+        if not distributed.is_main():
+            observer = None
+        return _train(cfg, data, run_dir, resume=resume, restart=restart,
+                      observer=observer or NullObserver(), stop=stop, loggers=loggers)
 
 
 def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, restart: bool,
@@ -251,10 +269,12 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
     model, objective, device = setup.model, setup.objective, setup.device
     optimizers = build_optimizers(model, cfg.optim)
     micro, accum, tokens_per_step = batch_geometry(cfg)
-    loader = setup.loader(micro)
+    local_accum = distributed.split_accum(accum)
+    loader = setup.loader(micro, rank=distributed.rank(), world_size=distributed.world_size())
     val_tokens = load_val_tokens(data, t.val_tokens or None)
     budget = Budget(t.steps, t.tokens, t.time)
-    log = runs.MetricsLog(run_dir / runs.METRICS_FILE, loggers)
+    log = distributed.main_only(runs.MetricsLog(run_dir / runs.METRICS_FILE, loggers),
+                                "write", "reset", "truncate_after")
 
     step, tokens_seen, train_seconds, trained_tokens = 0, 0, 0.0, 0
     val_seconds = 0.0  # validation's wall clock, kept apart from the training clock
@@ -279,7 +299,8 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         log.truncate_after(step)
     elif restart:
         log.reset()
-    _write_run_files(run_dir, setup, data)
+    if distributed.is_main():
+        _write_run_files(run_dir, setup, data)
     start_step = step
 
     step_model = torch.compile(model) if t.compile else model
@@ -298,6 +319,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         "run_dir": str(run_dir), "objective": cfg.objective, "preset": cfg.preset,
         "params": n_params, "device": str(device), "precision": setup.precision,
         "tokens_per_step": tokens_per_step, "accum": accum, "budget": dataclasses.asdict(budget),
+        "world_size": distributed.world_size(),
         "resumed_at": step if resume else None, "peak_flops": peak,
         "prime_seconds": prime_seconds, "weights": "raw" if ema is None else "ema",
     }
@@ -320,13 +342,14 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
 
     def checkpoint() -> None:
         nonlocal ckpt_step, last_ckpt
-        average = {} if ema is None else {"ema": ema.state_dict()}
-        save_checkpoint(run_dir, model, optimizers, {
-            "step": step, "tokens": tokens_seen, "seconds": train_seconds,
-            "trained_tokens": trained_tokens, "loader": loader.state_dict(),
-            "log_window": dataclasses.asdict(window), "val_seconds": val_seconds,
-            "clock_seconds": clock_seconds,
-        }, **average)
+        if distributed.is_main():  # every rank holds the same state
+            average = {} if ema is None else {"ema": ema.state_dict()}
+            save_checkpoint(run_dir, model, optimizers, {
+                "step": step, "tokens": tokens_seen, "seconds": train_seconds,
+                "trained_tokens": trained_tokens, "loader": loader.state_dict(),
+                "log_window": dataclasses.asdict(window), "val_seconds": val_seconds,
+                "clock_seconds": clock_seconds,
+            }, **average)
         ckpt_step, last_ckpt = step, time.perf_counter()
 
     model.train()
@@ -339,7 +362,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         progress = budget.progress(step, tokens_seen, scheduled)
         mult = lr_multiplier(step, progress, t.warmup_steps, t.warmdown_frac)
         set_schedule(optimizers, cfg.optim, step, mult)
-        stats = train_step(setup, step_model, optimizers, loader, accum, step)
+        stats = train_step(setup, step_model, optimizers, loader, local_accum, step)
         if not (math.isfinite(stats.loss)
                 and (stats.grad_norm is None or math.isfinite(stats.grad_norm))):
             kept = (f"the last good checkpoint (step {ckpt_step}) is kept in {run_dir}"
@@ -356,7 +379,10 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         window.add(stats, tokens_per_step)
         if ema is not None:
             ema.update(step - 1)
-        step_seconds = time.perf_counter() - t0
+        # Every rank takes rank 0's step time, so the clock, the pace and the schedule (hence
+        # the learning rate and the stopping step) are the same on all of them.
+        step_seconds, stopping = distributed.agree_step(time.perf_counter() - t0,
+                                                        stop.received is not None)
         train_seconds += step_seconds
         pace.add(step_seconds)
         clock_seconds = scheduled
@@ -388,15 +414,16 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
             window_t0 = time.perf_counter()
         due = (t.ckpt_every and step % t.ckpt_every == 0) or (
             t.ckpt_seconds and time.perf_counter() - last_ckpt >= t.ckpt_seconds)
-        if stop.received is not None or (due and not done):
+        if stopping or (due and not done):
             c0 = time.perf_counter()
             checkpoint()
             window_t0 += time.perf_counter() - c0  # tok/s counts training, not saving
-        if stop.received is not None:
-            name = signal.Signals(stop.received).name
+        if stopping:
+            signum = stop.received or signal.SIGTERM  # under torchrun: another rank's signal
+            distributed.barrier()
             raise TrainingInterrupted(
-                f"stopped by {name} after step {step}; checkpoint saved in {run_dir}; continue "
-                f"with `lmkit train --resume {run_dir}`", stop.received)
+                f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved "
+                f"in {run_dir}; continue with `lmkit train --resume {run_dir}`", signum)
 
     previous = log.records() if resume and step == start_step else []
     if previous and previous[-1].get("type") == "val" and previous[-1].get("step") == step:
@@ -404,6 +431,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
     else:
         last_val = validate()
         checkpoint()
+    distributed.barrier()  # the final checkpoint is on disk before any rank reads it
     summary = {
         "run_dir": str(run_dir), "objective": cfg.objective, "steps": step,
         "tokens": tokens_seen, "trained_tokens": trained_tokens, "seconds": train_seconds,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmkit.core import distributed
 from lmkit.core.compare.entry import CompareObserver, Entry
 from lmkit.core.compare.report import cell, sanity_check, write_report
 from lmkit.core.compare.seeds import label_entries, resolve_baseline
@@ -108,7 +109,7 @@ def run_comparison(request: CompareRequest, observer: CompareObserver | None = N
                                           eval_options=eval_options_for(r.objectives,
                                                                         r.eval_opts))
     else:
-        out = r.out or default_compare_dir()
+        out = r.out or distributed.broadcast_object(default_compare_dir())
         if (Path(out) / "compare.json").exists():
             raise LmkitError(f"{out} already holds a comparison (compare.json); choose another "
                              "--out or omit it for a new comparisons/<timestamp>")
@@ -123,5 +124,6 @@ def run_comparison(request: CompareRequest, observer: CompareObserver | None = N
     resolve_baseline(entries, r.baseline)  # a baseline not among RUN_DIRs fails before writing
     sanity_check(entries)
     out = Path(out).resolve()
-    files = write_report(out, entries, {"comparison": str(out)}, baseline=r.baseline)
+    files = distributed.broadcast_object(distributed.on_main(  # rank 0 writes, all return it
+        lambda: write_report(out, entries, {"comparison": str(out)}, baseline=r.baseline)))
     return out, entries, files

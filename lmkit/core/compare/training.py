@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmkit.core import config as config_mod
-from lmkit.core import runs
+from lmkit.core import distributed, runs
 from lmkit.core.build import batch_geometry
 from lmkit.core.compare.entry import CompareObserver, Entry, NullCompareObserver
 from lmkit.core.config import resolve_config
@@ -88,7 +88,7 @@ def compare_objectives(
             ensure_curve(cfg)
             label = name if seed is None else f"{name}-s{seed}"
             jobs.append((name, seed, label, cfg))
-    out = Path(out) if out else default_compare_dir()
+    out = Path(out) if out else distributed.broadcast_object(default_compare_dir())
     if (out / "compare.json").exists():
         raise LmkitError(f"{out} already holds a comparison (compare.json); choose another --out")
     plans = [(job, _run_plan(out / "runs" / job[2], job[3])) for job in jobs]

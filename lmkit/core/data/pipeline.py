@@ -329,5 +329,8 @@ def open_for_training(data: DataConfig, log: Callable[[str], None] | None = None
     target = default_data_dir(corpus.name, DEFAULT_VOCAB)
     if not (target / MANIFEST_NAME).is_file() and log:
         log(f"preparing the default corpus {corpus.name!r} into {target} (once)…")
-    return open_data(ensure_prepared(corpus, vocab_size=DEFAULT_VOCAB, log=log or (lambda s: None)),
-                     tokenizer)
+    from lmkit.core import distributed
+
+    with distributed.local_main_first():  # under torchrun: each node's first rank prepares
+        prepared = ensure_prepared(corpus, vocab_size=DEFAULT_VOCAB, log=log or (lambda s: None))
+    return open_data(prepared, tokenizer)

@@ -75,7 +75,8 @@ def chain_rule(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: EvalRow
         "time_input": "t = hidden/(L(1-eps)), clamped to [eps, 1]",
         **common_detail(spec, rows),
     })
-    for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device):
+    for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device,
+                          within=meter.shard(len(rows), ctx.batch_size)):
         nats = chain_rule_nats(model, spec, rb.x0, rb.maskable, k=k, order=order,
                                autocast=ctx.autocast, segments=rb.segments)
         meter.add(nats, rb.x0, rb.prev, rb.maskable, prev2=rb.prev2)

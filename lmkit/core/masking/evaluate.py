@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lmkit.core import distributed
 from lmkit.core.bpb import Metric
 from lmkit.core.masking.chain import chain_groups, chain_rule
 from lmkit.core.masking.nelbo import check_design, monte_carlo_nelbo
@@ -55,7 +56,7 @@ def evaluate_masked(model: torch.nn.Module, ctx: Any, spec: MaskedSpec,
     if opts.chain_k:
         chain_groups(ctx.seq_len, opts.chain_k, opts.chain_order)  # fail before any work
     steps = parse_steps(opts.steps) if steps is None else steps
-    n_batches = math.ceil(len(rows) / ctx.batch_size)
+    n_batches = math.ceil(len(distributed.shard(len(rows), ctx.batch_size)) / ctx.batch_size)
     total = n_batches * (1 + len(steps) + (1 if opts.chain_k else 0))
     done = 0
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmkit.core import distributed
 from lmkit.core.bpb import Metric
 from lmkit.core.masking.draws import keyed_uniforms
 from lmkit.core.masking.process import MaskedSpec
@@ -57,7 +58,8 @@ def fixed_time_ce(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: Eval
                       torch.zeros(k, len(rows), dtype=torch.float64),
                       torch.zeros(len(rows), dtype=torch.long),
                       torch.zeros(len(rows), dtype=torch.long))
-    for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device):
+    for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device,
+                          within=distributed.shard(len(rows), ctx.batch_size)):
         n = rb.x0.size(0)
         r = slice(rb.start, rb.start + n)
         u = keyed_uniforms(seed, stream, range(r.start, r.stop), k, seq, ctx.device)
@@ -71,6 +73,7 @@ def fixed_time_ce(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: Eval
             out.count[i, r] = masked.sum(dim=1).double().cpu()
         out.tokens[r] = rb.maskable.sum(dim=1).cpu()
         out.bytes[r] = row_bytes(ctx, rb).cpu()
+    distributed.all_sum(out.ce, out.count, out.tokens, out.bytes)  # under torchrun: all rows
     return out
 
 

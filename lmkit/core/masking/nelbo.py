@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmkit.core import distributed
 from lmkit.core.bpb import Metric
 from lmkit.core.masking.draws import RNG_DESCRIPTION, AnyOrderTable, keyed_uniforms, nelbo_draw
 from lmkit.core.masking.process import ESTIMATORS, MaskedSpec
@@ -83,7 +84,9 @@ def nelbo_rows(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: EvalRow
     """Per-row Monte-Carlo NELBO (continuous, or T=``steps``) with an unbiased variance.
 
     One model call per (batch, sample): the cost of K = ``samples`` draws per row is what it was
-    for the 1/t estimator; the draws are keyed per (seed, stream, row, sample).
+    for the 1/t estimator; the draws are keyed per (seed, stream, row, sample). Under torchrun
+    each rank estimates its share of the rows and the per-row results are summed over ranks,
+    so every rank returns all rows, as one process would.
     """
     if estimator not in ESTIMATORS:
         raise LmkitError(f"--opt estimator={estimator!r}: expected one of {', '.join(ESTIMATORS)}")
@@ -96,7 +99,8 @@ def nelbo_rows(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: EvalRow
                        replicates=torch.zeros(len(rows), replicates, dtype=torch.float64))
     tables: dict[int, AnyOrderTable] = {}
     plan = draw_plan(strata, paired=estimator == "any_order")
-    for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device):
+    for rb in row_batches(ctx.val_tokens, rows, spec, ctx.batch_size, ctx.device,
+                          within=distributed.shard(len(rows), ctx.batch_size)):
         n = rb.x0.size(0)
         ids = range(rb.start, rb.start + n)
         u = keyed_uniforms(seed, stream, ids, samples, 2 * seq + 3, ctx.device)
@@ -137,6 +141,7 @@ def nelbo_rows(model: torch.nn.Module, ctx: Any, spec: MaskedSpec, rows: EvalRow
         out.bytes[ids.start:ids.stop] = row_bytes(ctx, rb).cpu()
         out.tokens[ids.start:ids.stop] = tokens.cpu()
         on_batch()
+    distributed.all_sum(out.nats, out.var, out.bytes, out.tokens, out.replicates)
     return out
 
 

@@ -73,11 +73,14 @@ class RowBatch:
 
 
 def row_batches(val: Tensor, rows: EvalRows, spec: MaskedSpec, batch_size: int,
-                device: torch.device) -> Iterator[RowBatch]:
+                device: torch.device, within: range | None = None) -> Iterator[RowBatch]:
+    """Batches of ``rows`` (only those in ``within``, a rank's share, when given); each batch's
+    ``start`` is its first row's index among all rows."""
     padded = torch.cat([torch.tensor([-1, -1]), val])  # index i+2 holds val[i]
     pad = spec.pad_id if spec.pad_id is not None else spec.mask_id
-    for b in range(0, len(rows), batch_size):
-        pos = rows.positions[b:b + batch_size]
+    within = range(len(rows)) if within is None else within
+    for b in range(within.start, within.stop, batch_size):
+        pos = rows.positions[b:min(b + batch_size, within.stop)]
         valid = pos >= 0
         safe = pos.clamp(min=0)
         x0 = torch.where(valid, padded[safe + 2], torch.full_like(pos, pad))
