@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from contextlib import nullcontext
@@ -634,19 +635,28 @@ def _add_plugin_commands() -> None:
     get_registry().add_commands(cli)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line on stderr and exit status 1."""
-    # A skipped plugin is reported as one line (the message names entry point and distribution).
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{message}\n"
+def _run(argv: list[str] | None) -> None:
+    if "WORLD_SIZE" not in os.environ:  # not under torchrun (and `--help` never imports torch)
+        _add_plugin_commands()
+        cli.main(args=argv, prog_name="lmkit", standalone_mode=False)
+        return
     from lmkit.core import distributed
 
     try:
-        with distributed.session():  # under torchrun: join its process group; rank 0 prints
+        with distributed.session():  # join torchrun's process group; rank 0 prints
             console.quiet = output.quiet = not distributed.is_main()
             _add_plugin_commands()
             cli.main(args=argv, prog_name="lmkit", standalone_mode=False)
     except distributed.MainRankError:
         sys.exit(1)  # rank 0 raised it and prints it
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit status 1."""
+    # A skipped plugin is reported as one line (the message names entry point and distribution).
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{message}\n"
+    try:
+        _run(argv)
     except LmkitError as exc:
         from rich.markup import escape
 
