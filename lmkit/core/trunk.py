@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmkit.core.kernels import apply_rotary, relu2
 from lmkit.errors import LmkitError
 
 
@@ -160,13 +161,6 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the two halves of each head ([B, H, T, hd]) by position-dependent angles."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-
 class Attention(nn.Module):
     """Bias-free GQA self-attention through SDPA (flash attention on CUDA)."""
 
@@ -194,12 +188,9 @@ class Attention(nn.Module):
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = norm(q), norm(k)
-        k = apply_rotary(k, cos, sin)
-        if self.q_gain is not None:  # RoPE is linear: the per-head gain rides in its tables
-            gain = self.q_gain[:, None, None]  # [H, 1, 1] over [T, hd/2]
-            q = apply_rotary(q, cos * gain, sin * gain)
-        else:
-            q = apply_rotary(q, cos, sin)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.q_gain is not None:
+            q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         mask, causal = None, self.causal
         if cache is not None:  # queries sit at cache.pos.., keys run from position 0
             k, v = cache.update(layer, k, v)
@@ -226,7 +217,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
-        h = F.relu(h).square() if self.activation == "relu2" else F.gelu(h)
+        h = relu2(h) if self.activation == "relu2" else F.gelu(h)
         return self.proj(h)
 
 
