@@ -72,3 +72,22 @@ def test_bench_train_rows_and_ratios(tiny_data) -> None:
         peak = r["peak_flops"]
         assert 0 < peak["min"] <= peak["median"] <= peak["max"]
     assert rows["lmkit"]["lmkit_over_this_tok_s"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_all_summary_follows_from_its_rows() -> None:
+    from lmkit.core.bench.all import bench_all
+
+    result = bench_all(preset="tiny", rounds=1, batch_tokens=512, train_steps=2,
+                       eval_tokens=2048, length=16)
+    s = result["summary"]
+    rows = {(r["precision"], r["model"]): r for r in result["train"]["rows"]}
+    assert s["lmkit_over_reference_a_flops_s_fp32"] == \
+        rows[("fp32", "lmkit")]["model_flops_s"] / rows[("fp32", "reference_a")]["model_flops_s"]
+    assert s["eval_over_train_tok_s"] == s["eval_tok_s"] / result["train_run"]["tok_s"]
+    ar = next(g for g in result["sample"]["groups"] if g["objective"] == "ar")
+    by = {r["label"]: r["tokens_per_s"] for r in ar["rows"]}
+    assert s["ar (kv cache) over ar (no cache) tokens/s"] == \
+        by["ar (kv cache)"] / by["ar (no cache)"]
+    assert "ddpm_cache over ddpm tokens/s" in s
+    assert all(ar["identical_tokens"].values())
