@@ -16,7 +16,6 @@ from lmkit.cli.display import (
     TrainDisplay,
     console,
     emit_json,
-    fmt_mfu,
     metrics_table,
     output,
 )
@@ -501,32 +500,41 @@ def bench() -> None:
 @bench.command("train")
 @click.option("--preset", default="small", show_default=True)
 @click.option("--objective", default="ar", show_default=True)
-@click.option("--steps", default=8, show_default=True, help="Timed steps per precision.")
-@click.option("--warmup", default=2, show_default=True, help="Untimed steps first.")
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Timed optimizer steps per contender per round.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved rounds (medians are reported).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Untimed steps per contender first.")
+@click.option("--batch-tokens", type=click.IntRange(min=1),
+              help="Tokens per step [default: the preset's].")
+@click.option("--compile", "compiled", is_flag=True,
+              help="Also race lmkit on a torch.compile-d trunk (its compile time is shown).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_train(preset: str, objective: str, steps: int, warmup: int, device: str,
-                as_json: bool) -> None:
-    """Training tokens/s and MFU (vs the matmul peak measured now) in fp32 and bf16."""
+def bench_train(preset: str, objective: str, steps: int, rounds: int, warmup: int,
+                batch_tokens: int | None, compiled: bool, device: str, as_json: bool) -> None:
+    """Training throughput of lmkit against two plain references, fp32 and bf16 autocast.
+
+    In one process, on the same data, with the same AdamW and interleaved rounds: lmkit's
+    train_step, (a) the parameter-golf baseline GPT written plainly (the same architecture) and
+    (b) a GPT-2-style stack of the same width, depth and vocabulary. Reported per model: tokens/s,
+    its own model FLOPs/token, model FLOP/s, MFU and lmkit's ratio to it.
+
+    \b
+    Example:
+      lmkit bench train --preset small --json
+    """
+    from lmkit.cli.bench_all import print_train_table
     from lmkit.core.bench.train import bench_train as run
 
-    result = run(preset=preset, objective=objective, steps=steps, warmup=warmup, device=device,
+    result = run(preset=preset, objective=objective, steps=steps, rounds=rounds, warmup=warmup,
+                 batch_tokens=batch_tokens, compiled=compiled, device=device,
                  log=None if as_json else console.print)
     if as_json:
         emit_json(result)
         return
-    from rich.table import Table
-
-    table = Table(title=f"lmkit bench train · {objective} · preset {preset} · {result['device']}",
-                  caption="MFU '-': no trustworthy peak (the ratio to the matmul peak measured "
-                          "now exceeds 100 %)", caption_justify="left")
-    for col in ("precision", "tok/s", "MFU", "peak matmul", "step time"):
-        table.add_column(col, justify="right")
-    for row in result["rows"]:
-        table.add_row(row["precision"], f"{row['tok_s']:,.0f}", fmt_mfu(row["mfu"]),
-                      f"{row['peak_flops'] / 1e9:,.1f} GFLOP/s", f"{row['step_seconds']:.3f}s")
-    output.print(table)
-    output.print(f"bf16 / fp32 tokens/s: {result['bf16_over_fp32']:.2f}×")
+    print_train_table(result)
 
 
 @bench.command("eval")
@@ -611,6 +619,7 @@ def bench_coverage(run_dirs: tuple[Path, ...], seeds: int, max_tokens: int | Non
         click.echo(fmt(r))
 
 
+from lmkit.cli.bench_all import bench_all_command  # noqa: E402
 from lmkit.cli.export import export_command  # noqa: E402
 from lmkit.cli.loggers import loggers_command  # noqa: E402
 from lmkit.cli.pack import bench_pack_command, pack_command  # noqa: E402
@@ -626,6 +635,7 @@ cli.add_command(sample_command)
 bench.add_command(bench_pack_command)
 bench.add_command(bench_sample_command)
 bench.add_command(bench_rotation_command)
+bench.add_command(bench_all_command)
 
 
 # -- entry point -------------------------------------------------------------------------------

@@ -42,14 +42,15 @@ class Scoring:
 
 
 def run_evaluation(model: torch.nn.Module, objective: Any, ctx: EvalContext) -> list[Metric]:
-    """``objective.evaluate`` in eval mode without gradients; every result must be a Metric.
+    """``objective.evaluate`` in eval mode under inference mode (no autograd bookkeeping at all,
+    faster than ``no_grad``); every result must be a Metric.
 
     A metric whose detail names no context protocol gets ``"protocol": "unstated"``
     (:mod:`lmkit.core.contexts`): said, not guessed."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             metrics = objective.evaluate(model, ctx)
     finally:
         model.train(was_training)

@@ -184,7 +184,7 @@ def generate(model: torch.nn.Module, sampler_entry: Entry, *, objective: Any, to
                 calls = counter.calls
                 synchronize(device)
                 t0 = time.perf_counter()
-                with torch.no_grad():
+                with torch.inference_mode():
                     result = sampler.sample(model, ctx)
                 synchronize(device)
                 seconds = time.perf_counter() - t0

@@ -161,10 +161,23 @@ def _group(name: str, params: list[nn.Parameter], lr: float, **extra) -> dict:
     return dict(name=name, params=params, lr=lr, base_lr=lr, **extra)
 
 
+def adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
+    """The one AdamW construction (lmkit's and the bench references'): the fused kernel on CUDA
+    and CPU (on a 2-core CPU 1.5x faster than the per-parameter loop, and foreach was slower
+    still), PyTorch's default elsewhere."""
+    return torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=_fusable(p for g in groups for p in g["params"]))
+
+
+def _fusable(params) -> bool | None:
+    """True where PyTorch has fused Adam kernels for every parameter (CUDA, CPU)."""
+    return all(p.device.type in ("cuda", "cpu") for p in params) or None
+
+
 def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:
     """Optimizers for ``model`` (a :class:`~lmkit.core.trunk.Transformer`), per ``cfg.name``.
 
-    Build them after moving the model to its device (fused Adam is chosen on CUDA). A
+    Build them after moving the model to its device (fused Adam is chosen on CUDA and CPU). A
     ``torch.compile``-d model is unwrapped. Empty groups are left out.
     """
     model = getattr(model, "_orig_mod", model)
@@ -172,7 +185,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
         raise TypeError("build_optimizers needs a model with param_groups() (lmkit Transformer)")
     roles: dict[str, list[nn.Parameter]] = model.param_groups()
     betas = (cfg.beta1, cfg.beta2)
-    fused = all(p.is_cuda for p in model.parameters()) or None
+    fused = _fusable(model.parameters())
 
     if cfg.name == "adamw":
         big = roles["matrix"] + roles["embed"] + roles["head"]
@@ -183,8 +196,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
             _group("decay", big, cfg.lr, weight_decay=cfg.weight_decay),
             _group("no_decay", small, cfg.lr, weight_decay=0.0),
         ]
-        groups = [g for g in groups if g["params"]]
-        return [torch.optim.AdamW(groups, betas=betas, eps=cfg.eps, fused=fused)]
+        return [adamw([g for g in groups if g["params"]], cfg)]
 
     if cfg.name == "muon":
         muon = Muon(

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmkit.core.kernels import apply_rotary, relu2
 from lmkit.errors import LmkitError
 
 
@@ -118,9 +119,12 @@ class Rotary(nn.Module):
         self._build(seq_len)
 
     def _build(self, seq_len: int) -> None:
-        t = torch.arange(seq_len, dtype=torch.float32, device=self.inv_freq.device)
-        freqs = torch.outer(t, self.inv_freq.float())
-        self.cos, self.sin = freqs.cos(), freqs.sin()
+        # ordinary tensors even when evaluation grows them under inference mode, so that
+        # training can still use them afterwards
+        with torch.inference_mode(False):
+            t = torch.arange(seq_len, dtype=torch.float32, device=self.inv_freq.device)
+            freqs = torch.outer(t, self.inv_freq.float())
+            self.cos, self.sin = freqs.cos(), freqs.sin()
 
     def forward(self, T: int) -> tuple[Tensor, Tensor]:
         if T > self.cos.size(0):  # a shape check: static under torch.compile
@@ -155,13 +159,6 @@ class KVCache:
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the two halves of each head ([B, H, T, hd]) by position-dependent angles."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 class Attention(nn.Module):
@@ -220,7 +217,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
-        h = F.relu(h).square() if self.activation == "relu2" else F.gelu(h)
+        h = relu2(h) if self.activation == "relu2" else F.gelu(h)
         return self.proj(h)
 
 
@@ -248,19 +245,19 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, c: Tensor | None,
                 cache: KVCache | None = None, layer: int = 0,
                 same_segment: Tensor | None = None) -> Tensor:
-        if self.resid_mix is not None:
-            x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        if self.resid_mix is not None:  # fused multiply-adds: one pass each, not two
+            x = torch.addcmul(self.resid_mix[1] * x0, self.resid_mix[0], x)
         h_attn = norm(x)
         if self.adaln is not None:
             shift_a, scale_a, shift_m, scale_m = self.adaln(c).chunk(4, dim=-1)
             h_attn = modulate(h_attn, shift_a, scale_a)
         a = self.attn(h_attn, cos, sin, cache, layer, same_segment)
-        x = x + (a if self.attn_scale is None else self.attn_scale * a)
+        x = x + a if self.attn_scale is None else torch.addcmul(x, self.attn_scale, a)
         h_mlp = norm(x)
         if self.adaln is not None:
             h_mlp = modulate(h_mlp, shift_m, scale_m)
         m = self.mlp(h_mlp)
-        return x + (m if self.mlp_scale is None else self.mlp_scale * m)
+        return x + m if self.mlp_scale is None else torch.addcmul(x, self.mlp_scale, m)
 
 
 class TimeEmbedding(nn.Module):
@@ -354,18 +351,23 @@ class Transformer(nn.Module):
                 skips.append(x)
                 continue
             if skips:  # decoder block j adds the output of encoder block n_enc-1-j
-                x = x + self.skip_weights[i - self.n_enc] * skips.pop()
+                x = torch.addcmul(x, self.skip_weights[i - self.n_enc], skips.pop())
             x = block(x, x0, cos, sin, c, cache, i, same)
         if cache is not None:
             cache.pos += idx.size(1)
         return norm(x)
 
     def logits(self, h: Tensor) -> Tensor:
-        """Hidden states -> float32 logits over the real vocabulary, soft-capped."""
+        """Hidden states -> float32 logits over the real vocabulary, soft-capped.
+
+        The cap's ``1/cap`` scales the [vocab, d] weight rather than the [B, T, vocab] logits:
+        one pass over the big tensor fewer, forward and backward.
+        """
         w = (self.embed.weight if self.head is None else self.head.weight)[: self.vocab_size]
-        z = F.linear(h, w).float()
         cap = self.cfg.logit_softcap
-        return cap * torch.tanh(z / cap) if cap else z
+        if not cap:
+            return F.linear(h, w).float()
+        return cap * torch.tanh(F.linear(h, w * (1.0 / cap)).float())
 
     def forward(self, idx: Tensor, cond: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:

@@ -1,0 +1,77 @@
+"""``lmkit bench all``: the train, eval and sample benches in one process, with the few ratios
+that say whether lmkit is faster than the scripts it replaces.
+
+It trains what it needs itself: a short AR run (into a temporary directory) for the evaluation
+bench; the sampling bench uses freshly initialised models (speed does not depend on weights).
+Sized to finish in a few minutes on a 2-core CPU: one step per round, fewer tokens per step
+than the preset for the training bench (the model's shape is the preset's).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmkit.core.bench.eval import bench_eval
+from lmkit.core.bench.sample import bench_sample
+from lmkit.core.bench.train import bench_train
+from lmkit.core.config import resolve_config
+from lmkit.core.data import open_for_training
+from lmkit.core.train import train
+
+
+def _row(result: dict[str, Any], precision: str, model: str) -> dict[str, Any]:
+    return next(r for r in result["rows"] if r["precision"] == precision and r["model"] == model)
+
+
+def _sample_row(group: dict[str, Any], label: str) -> dict[str, Any] | None:
+    return next((r for r in group["rows"] if r["label"] == label), None)
+
+
+def bench_all(*, preset: str = "small", rounds: int = 3, batch_tokens: int = 2048,
+              train_steps: int = 8, eval_tokens: int = 32768, length: int = 256,
+              device: str = "auto", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the three benches; ``summary`` holds lmkit's ratios to the references (model
+    FLOP/s), evaluation over training tokens/s, KV-cached over uncached AR sampling and
+    ``ddpm_cache`` over ``ddpm``, each computed from the rows beside it."""
+    t0 = time.perf_counter()
+    say = log or (lambda _: None)
+    say("train bench: lmkit against the references, fp32 and bf16 …")
+    train_result = bench_train(preset=preset, steps=1, rounds=rounds, warmup=1,
+                               batch_tokens=batch_tokens, device=device, log=log)
+    with tempfile.TemporaryDirectory(prefix="lmkit-bench-") as tmp:
+        run_dir = Path(tmp) / "ar"
+        say(f"training a {train_steps}-step AR run for the evaluation bench …")
+        cfg = resolve_config(preset=preset, flags={"objective": "ar", "train.device": device,
+                                                   "train.steps": train_steps,
+                                                   "train.val_tokens": eval_tokens,
+                                                   "train.val_every": 0})
+        run = train(cfg, open_for_training(cfg.data), run_dir)
+        say("eval bench …")
+        eval_result = bench_eval(str(run_dir), max_tokens=eval_tokens, device=device)
+    say("sample bench: ar and mdlm samplers …")
+    sample_result = bench_sample(["ar", "mdlm"], preset=preset, num=2, length=length,
+                                 steps=length, repeats=1, device=device, log=log)
+    train_tok_s = run["tok_s"]
+    eval_tok_s = statistics.median(1e6 / r["seconds_per_1m_tokens"] for r in eval_result["rows"])
+    summary: dict[str, Any] = {"train_run_tok_s": train_tok_s, "eval_tok_s": eval_tok_s,
+                               "eval_over_train_tok_s": eval_tok_s / train_tok_s}
+    for p in {r["precision"] for r in train_result["rows"]}:
+        for ref in ("reference_a", "reference_b"):
+            summary[f"lmkit_over_{ref}_flops_s_{p}"] = \
+                _row(train_result, p, ref)["lmkit_over_this_flops_s"]
+    for group in sample_result["groups"]:
+        pairs = {"ar": ("ar (kv cache)", "ar (no cache)"), "mdlm": ("ddpm_cache", "ddpm")}
+        if group["objective"] in pairs:
+            fast, slow = (_sample_row(group, label) for label in pairs[group["objective"]])
+            if fast and slow:
+                summary[f"{fast['label']} over {slow['label']} tokens/s"] = \
+                    fast["tokens_per_s"] / slow["tokens_per_s"]
+    return {"benchmark": "all", "preset": preset, "wall_seconds": time.perf_counter() - t0,
+            "summary": summary, "train": train_result, "eval": eval_result,
+            "train_run": {k: run[k] for k in ("steps", "tokens", "seconds", "tok_s")},
+            "sample": sample_result}

@@ -1,0 +1,93 @@
+"""The training bench's references: the same architecture as the trunk (checked weight for
+weight), their own FLOP counts, and a bench result whose ratios follow from its rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmkit.core.bench.reference import BaselineGPT, PlainGPT, model_flops_per_token
+from lmkit.core.bench.train import bench_train
+from lmkit.core.build import new_model
+from lmkit.core.config import resolve_config
+from lmkit.core.trunk import count_params, flops_per_token
+
+
+def _baseline_for(preset: str, vocab: int = 1024) -> tuple[torch.nn.Module, BaselineGPT, int]:
+    cfg = resolve_config(preset=preset, flags={"train.steps": 1})
+    m, seq = cfg.model, cfg.train.seq_len
+    torch.manual_seed(0)
+    trunk = new_model(m, vocab, 0, "cpu", seq)
+    ref = BaselineGPT(vocab, m.n_layer, m.d_model, m.n_head, m.n_kv_head, seq, m.mlp_mult,
+                      m.q_gain_init, m.logit_softcap, m.rope_base, m.embed_init_std)
+    return trunk, ref, seq
+
+
+def test_reference_a_has_the_trunks_parameter_count_and_flops() -> None:
+    trunk, ref, seq = _baseline_for("small")
+    # the parameter-golf baseline's layers at 4 x 256, 4/2 heads, vocab 1024
+    assert count_params(trunk) == count_params(ref) == 2_101_776
+    assert model_flops_per_token(ref, 4, 256, seq) == flops_per_token(
+        trunk.cfg, count_params(trunk), seq, 1024)
+
+
+def test_reference_a_computes_what_the_trunk_computes() -> None:
+    """Copy every trunk weight into the plain reference: the same loss, to float32 rounding."""
+    trunk, ref, seq = _baseline_for("tiny", vocab=128)
+    names = {"attn.q.": "q.", "attn.k.": "k.", "attn.v.": "v.", "attn.proj.": "attn_out.",
+             "mlp.fc.": "fc.", "mlp.proj.": "mlp_out.", "attn.q_gain": "q_gain"}
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, p in trunk.state_dict().items():
+        for old, new in names.items():
+            name = name.replace(old, new)
+        state[name] = torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0)
+    ref.load_state_dict(state, strict=True)
+    trunk.load_state_dict({k: state[k2] for k, k2 in zip(trunk.state_dict(), state, strict=True)})
+    tokens = torch.randint(0, 128, (3, seq + 1), generator=g)
+    want = torch.nn.functional.cross_entropy(trunk(tokens[:, :-1]).flatten(0, 1),
+                                             tokens[:, 1:].flatten())
+    torch.testing.assert_close(ref(tokens[:, :-1], tokens[:, 1:]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_b_is_a_gpt2_stack() -> None:
+    V, L, d, T = 1024, 4, 256, 256
+    ref = PlainGPT(V, L, d, 4, T)
+    # token + position tables, per block 12 d^2 weights and 13 d biases/gains, final LayerNorm
+    assert count_params(ref) == V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
+    assert model_flops_per_token(ref, L, d, T) == 6 * (count_params(ref) - T * d) + 12 * L * d * T
+
+
+@pytest.mark.slow
+def test_bench_train_rows_and_ratios(tiny_data) -> None:
+    result = bench_train(preset="tiny", steps=1, rounds=2, warmup=0, precisions=("fp32",),
+                         data_path=str(tiny_data))
+    rows = {r["model"]: r for r in result["rows"]}
+    assert sorted(rows) == ["lmkit", "reference_a", "reference_b"]
+    assert rows["lmkit"]["params"] == rows["reference_a"]["params"]
+    for r in rows.values():
+        assert len(r["tok_s_rounds"]) == 2 and r["tok_s"] > 0
+        assert r["model_flops_s"] == r["flops_per_token"] * r["tok_s"]
+        assert r["lmkit_over_this_flops_s"] == rows["lmkit"]["model_flops_s"] / r["model_flops_s"]
+        peak = r["peak_flops"]
+        assert 0 < peak["min"] <= peak["median"] <= peak["max"]
+    assert rows["lmkit"]["lmkit_over_this_tok_s"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_all_summary_follows_from_its_rows() -> None:
+    from lmkit.core.bench.all import bench_all
+
+    result = bench_all(preset="tiny", rounds=1, batch_tokens=512, train_steps=2,
+                       eval_tokens=2048, length=16)
+    s = result["summary"]
+    rows = {(r["precision"], r["model"]): r for r in result["train"]["rows"]}
+    assert s["lmkit_over_reference_a_flops_s_fp32"] == \
+        rows[("fp32", "lmkit")]["model_flops_s"] / rows[("fp32", "reference_a")]["model_flops_s"]
+    assert s["eval_over_train_tok_s"] == s["eval_tok_s"] / result["train_run"]["tok_s"]
+    ar = next(g for g in result["sample"]["groups"] if g["objective"] == "ar")
+    by = {r["label"]: r["tokens_per_s"] for r in ar["rows"]}
+    assert s["ar (kv cache) over ar (no cache) tokens/s"] == \
+        by["ar (kv cache)"] / by["ar (no cache)"]
+    assert "ddpm_cache over ddpm tokens/s" in s
+    assert all(ar["identical_tokens"].values())
