@@ -174,7 +174,7 @@ def test_pack_then_eval_the_artifact(data_copy, tmp_path, capsys):
     assert json.loads(out)["metrics"] == packed["metrics"]
 
 
-@pytest.mark.parametrize("args", [["--version"], ["--help"], ["train", "--help"]])
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["train", "--help"], ["presets"]])
 def test_help_and_version_do_not_import_torch(args):
     """Commands that need no model answer without importing torch (plugins load, but their
     registration hooks, which import the objectives, run only when entries are needed)."""

@@ -481,7 +481,7 @@ def runs_cmd(root: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def presets(as_json: bool) -> None:
     """List the model/training presets."""
-    from lmkit.core.config import PRESETS
+    from lmkit.core.presets import PRESETS
 
     rows = [{"name": n, "description": p["description"]} for n, p in PRESETS.items()]
     if as_json:
