@@ -71,6 +71,8 @@ def test_bench_train_rows_and_ratios(tiny_data) -> None:
         assert r["lmkit_over_this_flops_s"] == rows["lmkit"]["model_flops_s"] / r["model_flops_s"]
         peak = r["peak_flops"]
         assert 0 < peak["min"] <= peak["median"] <= peak["max"]
+        mfu = r["model_flops_s"] / peak["median"]  # shown only where it can be true
+        assert r["mfu"] == (mfu if mfu <= 1 else None)
     assert rows["lmkit"]["lmkit_over_this_tok_s"] == 1.0
 
 

@@ -25,7 +25,7 @@ from lmkit.core.data import open_for_training
 from lmkit.core.device import autocast, synchronize
 from lmkit.core.optim import adamw, build_optimizers
 from lmkit.core.perf import matmul_flops
-from lmkit.core.train import train_step
+from lmkit.core.train import train_step, trusted_mfu
 from lmkit.core.trunk import count_params, flops_per_token
 
 CONTENDERS = ("lmkit", "reference_a", "reference_b")
@@ -176,7 +176,7 @@ def bench_train(
                 "params": c["params"], "tok_s": t, "tok_s_rounds": tok_s[(p, name)],
                 "step_seconds": tokens_per_step / t, "flops_per_token": c["flops_per_token"],
                 "model_flops_s": c["flops_per_token"] * t,
-                "mfu": c["flops_per_token"] * t / peak["median"],
+                "mfu": trusted_mfu(c["flops_per_token"] * t, peak["median"]),
                 "compile_seconds": c.get("compile_seconds"),
             }
         for name in names:
@@ -194,5 +194,7 @@ def bench_train(
                            if {"fp32", "bf16"} <= set(precisions) else None),
         "mfu_note": "model FLOPs/s (6 x matmul params + attention, per token; each model its "
                     "own) over the median square-matmul FLOP/s measured once per round at the "
-                    "same precision; every figure is a median over interleaved rounds",
+                    "same precision (null where that ratio is above 1: the square matmul ran "
+                    "slower than the model's own, e.g. bf16 on a CPU without native bf16); every "
+                    "figure is a median over interleaved rounds",
     }
