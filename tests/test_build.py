@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from lmkit.core import runs
 from lmkit.core.config import resolve_config
@@ -82,3 +83,22 @@ def test_auto_precision_on_a_cpu_follows_native_bf16(monkeypatch):
     monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
     assert device_mod.resolve_dtype("auto", cpu) == "bf16"
     assert device_mod.resolve_dtype("fp32", cpu) == "fp32"
+
+
+def test_host_batches_move_plainly_off_cuda() -> None:
+    from lmkit.core.device import to_device
+
+    batch = torch.arange(12).view(3, 4)
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved is batch  # the CPU path copies nothing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_batches_reach_cuda_through_pinned_memory() -> None:
+    from lmkit.core.device import to_device
+
+    batch = torch.arange(12).view(3, 4)
+    moved = to_device(batch, torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert moved.is_cuda and torch.equal(moved.cpu(), batch) and not batch.is_pinned()

@@ -78,6 +78,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``: on CUDA through pinned memory with a non-blocking copy (the
+    copy overlaps the previous step's kernels), elsewhere a plain move (a no-op on the CPU)."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 def release_memory() -> None:
     """Hand freed memory back to the OS between phases (a run's training, its evaluation).
 

@@ -38,7 +38,7 @@ from lmkit.core.build import Setup, batch_geometry, build, check_declared
 from lmkit.core.checkpoint import load_checkpoint, read_ema, save_checkpoint
 from lmkit.core.config import RunConfig
 from lmkit.core.data import DataSource, RotatingLoader, load_val_tokens
-from lmkit.core.device import synchronize
+from lmkit.core.device import synchronize, to_device
 from lmkit.core.ema import WeightEMA, ema_weights
 from lmkit.core.evaluate import run_evaluation
 from lmkit.core.loggers import Loggers, open_run_loggers
@@ -116,7 +116,7 @@ def train_step(setup: Setup, model: torch.nn.Module, optimizers: list[torch.opti
     metric_sums: dict[str, float] = {}
     tokens = 0
     for i in range(accum):
-        batch = Batch(tokens=loader.next_batch().to(setup.device, non_blocking=True), step=step)
+        batch = Batch(tokens=to_device(loader.next_batch(), setup.device), step=step)
         distributed.seed_micro_batch(setup.cfg.train.seed, step, distributed.micro_index(i))
         with setup.autocast():
             out = setup.objective.loss(model, batch)
