@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from lmkit.core import atomic, runs
 from lmkit.core import checkpoint as ckpt_mod
 from lmkit.core import train as train_mod
+from lmkit.core.bench.killtest import TIMING  # the fields that differ between any two runs
 from lmkit.core.config import PRESETS, resolve_config
 from lmkit.core.data import open_data
 from lmkit.core.plan import plan_training
@@ -30,7 +31,6 @@ from tests.test_cli import run_cli
 
 FAST = ["train.seq_len=32", "train.batch_tokens=256", "train.log_every=2",
         "train.val_tokens=512", "train.dtype=fp32", "train.ckpt_seconds=0"]
-TIMING = {"seconds", "train_seconds", "val_seconds", "clock_seconds", "tok_s", "mfu", "eta_s"}
 
 
 def cfg_of(tiny_data, steps=6, extra=()):

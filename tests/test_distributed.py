@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from lmkit.core import distributed
+from lmkit.core.bench.killtest import TIMING  # the fields that differ between any two runs
 from lmkit.core.data import RotatingLoader, write_shard
 from lmkit.errors import LmkitError
 
@@ -222,7 +223,6 @@ def test_collectives_and_split_muon_across_two_ranks(tmp_path):
 # -- torchrun end to end (slow) -------------------------------------------------------------------
 FAST = ["train.seq_len=32", "train.batch_tokens=256", "train.micro_batch=2", "train.log_every=1",
         "train.val_tokens=512", "train.dtype=fp32", "train.ckpt_seconds=0", "train.warmup_steps=2"]
-TIMING = {"seconds", "tok_s", "mfu", "eta_s"}
 
 
 def free_port() -> int:
