@@ -11,6 +11,7 @@ and ``lmkit compare`` under torchrun.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -301,6 +302,20 @@ def test_two_ranks_train_and_evaluate_what_one_process_does(objective, tiny_data
             assert y["stderr"] == pytest.approx(x["stderr"], rel=1e-9)
 
 
+def _processes_of(run_dir: Path) -> list[int]:
+    """Live (not zombie) processes whose command line names ``run_dir``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError, ValueError):
+            continue
+        if proc.name.isdigit() and not zombie and str(run_dir).encode() in argv:
+            found.append(int(proc.name))
+    return found
+
+
 def _kill_after_checkpoint(argv: list[str], run_dir: Path, at_least: int, final: int) -> int:
     """Start a 2-rank run, SIGKILL the whole process group once a checkpoint of step
     >= ``at_least`` exists; return the checkpointed step (must be short of ``final``)."""
@@ -322,6 +337,14 @@ def _kill_after_checkpoint(argv: list[str], run_dir: Path, at_least: int, final:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-step
         proc.wait()
+        # torchrun starts its ranks in sessions of their own: kill every process of this job
+        # (as a scheduler would) and wait until none is left
+        gone = time.monotonic() + 30
+        while time.monotonic() < gone and (pids := _processes_of(run_dir)):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
     assert at_least <= step < final, f"not killed mid-run (checkpoint step {step})"
     return step
 

@@ -43,7 +43,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # someone else's process
-    return True
+    try:  # a zombie (killed, not yet reaped: e.g. a torchrun rank whose launcher was killed)
+        stat = Path(f"/proc/{pid}/stat").read_text()  # has exited and holds nothing
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def describe(holder: dict[str, Any]) -> str:

@@ -67,20 +67,25 @@ def child_pass(shard_dir: str, group_size: int, batch_size: int, seq_len: int,
 
     shards = find_shards(Path(shard_dir), "train")
     read: list[tuple[int, str]] = []  # (pass, shard) in the order the loader reads them
-    real_load = loader_mod.load_shard
-    holder: list[RotatingLoader] = []
+    real_load, real_ensure = loader_mod.load_shard, RotatingLoader._ensure_loaded
+    loading: list[int] = [0]  # the pass of the group being loaded (the loader's cursor may
+    # still point at the previous pass's end when it loads the next pass's first group)
+
+    def recording_ensure(self: RotatingLoader, epoch: int, group: int) -> None:
+        loading[0] = epoch
+        real_ensure(self, epoch, group)
 
     def recording_load(path: Path, out: Any = None) -> Any:
-        read.append((holder[0].epoch, Path(path).name))
+        read.append((loading[0], Path(path).name))
         return real_load(path, out=out)
 
     loader_mod.load_shard = recording_load
+    RotatingLoader._ensure_loaded = recording_ensure  # type: ignore[method-assign]
     reset = _reset_peak()  # else the imports' transient peak would hide the loader's memory
     before = _rss_bytes(peak=not reset)
     t0 = time.perf_counter()
     loader = RotatingLoader(shards, batch_size=batch_size, seq_len=seq_len, seed=seed,
                             group_size=group_size)
-    holder.append(loader)
     batches = 0
     while True:
         loader.next_batch()
