@@ -541,3 +541,24 @@ def test_6_disk_full_preparing_data_leaves_no_partial_directory(sotu_docs, tmp_p
                      val_fraction=0.25)
     assert not out.exists() or not any(out.iterdir())
     assert not _leftovers(tmp_path)
+
+
+def test_a_zombie_lock_holder_counts_as_gone():
+    """A killed process not yet reaped (a torchrun rank whose launcher was killed) holds
+    nothing: the lock's liveness check sees it as dead."""
+    import time
+
+    from lmkit.core.runlock import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(child.pid) and time.monotonic() < deadline:  # exited, not reaped: a zombie
+            time.sleep(0.01)
+        assert not _alive(child.pid)
+        assert Path(f"/proc/{child.pid}").exists()  # still in the table: only its state says so
+    finally:
+        child.kill()
+        child.wait()
