@@ -178,16 +178,20 @@ def _collectives_worker(rank: int, init_file: str, out_dir: str) -> None:
         except LmkitError as exc:
             out["on_main"] = [type(exc).__name__, str(exc)]
         # Muon: the same gradients on both ranks; each runs half of the Newton-Schulz work
-        params, opt = _muon_case(0)
-        for step in range(3):
-            torch.manual_seed(100 + step)
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
-        out["muon"] = [p.detach().tolist() for p in params]
+        out["muon"] = _muon_steps(*_muon_case(0))
         Path(out_dir, f"{rank}.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()
+
+
+def _muon_steps(params, opt) -> list:
+    """Three Muon steps on seeded gradients (the same on every rank); the parameters after."""
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return [p.detach().tolist() for p in params]
 
 
 def test_collectives_and_split_muon_across_two_ranks(tmp_path):
@@ -195,13 +199,7 @@ def test_collectives_and_split_muon_across_two_ranks(tmp_path):
 
     # the same Muon steps in this (single) process: no group, every matrix orthogonalised here
     # (first, so the forked workers inherit the optimizer machinery already imported)
-    params, opt = _muon_case(0)
-    for step in range(3):
-        torch.manual_seed(100 + step)
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt.step()
-    single = [p.detach().tolist() for p in params]
+    single = _muon_steps(*_muon_case(0))
     method = "fork" if sys.platform == "linux" else "spawn"
     mp.start_processes(_collectives_worker, args=(str(tmp_path / "init"), str(tmp_path)),
                        nprocs=2, start_method=method)
