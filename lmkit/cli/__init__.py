@@ -27,6 +27,7 @@ from lmkit.cli.options import (
     Count,
     Finite,
     bounded,
+    estimator_seed_option,
     objective_options,
     parse_opts,
     scoring_options,
@@ -239,8 +240,7 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @scoring_options
-@click.option("--seed", type=bounded(0, MAX_SEED),
-              help="Seed of the Monte-Carlo estimators [default: the run's].")
+@estimator_seed_option
 @click.option("--gen", is_flag=True,
               help="Also generation metrics (kind score): gen_ppl of samples under --judge, with "
                    "their unigram entropy, NFE and tokens/s.")

@@ -8,15 +8,14 @@ from pathlib import Path
 import click
 
 from lmkit.cli.display import console, emit_json, metrics_table, output
-from lmkit.cli.options import MAX_SEED, bounded, objective_options, scoring_options
+from lmkit.cli.options import estimator_seed_option, objective_options, scoring_options
 
 
 @click.command("export")
 @click.argument("source", metavar="RUN_DIR|ARTIFACT", type=click.Path(path_type=Path))
 @click.argument("out", metavar="OUT", type=click.Path(file_okay=False, path_type=Path))
 @scoring_options
-@click.option("--seed", type=bounded(0, MAX_SEED),
-              help="Seed of the Monte-Carlo estimators [default: the run's].")
+@estimator_seed_option
 @click.option("--with-val", is_flag=True,
               help="Also write the validation stream (val.bin), so `lmkit eval OUT` needs "
                    "nothing else; it publishes your validation text with the model.")

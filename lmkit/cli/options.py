@@ -110,3 +110,9 @@ def objective_options(opts: tuple[str, ...], stride: int | None) -> dict[str, An
     if stride is not None:
         options["stride"] = stride
     return options
+
+
+# `lmkit eval` and `lmkit export` score with the same Monte-Carlo seed option
+estimator_seed_option = click.option(
+    "--seed", type=bounded(0, MAX_SEED),
+    help="Seed of the Monte-Carlo estimators [default: the run's].")
