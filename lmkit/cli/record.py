@@ -109,9 +109,11 @@ def record_command(run_dirs, out, check_dir, name, track, author, github_id, dat
         return
     head = sub["metric"]
     output.print(f"wrote {sub['path']}", markup=False)
-    output.print(f"{head['name']} ({head['kind']}) {sub['val_bpb']} ± {sub['val_bpb_std']} over "
-                 f"{len(sub['seeds'])} seed(s); bytes_total {sub['bytes_total']:,} decimal bytes",
-                 markup=False)
+    std = sub["val_bpb_std"]
+    spread = "" if std is None else f" ± {std:.4f} (sample std)"
+    output.print(f"{head['name']} ({head['kind']}, {head['unit']}) {sub['val_bpb']:.4f}{spread} "
+                 f"over {len(sub['seeds'])} seed(s); bytes_total {sub['bytes_total']:,} "
+                 "decimal bytes", markup=False)
     for key, value in sub["compliance"].items():
         output.print(f"  {key}: {'null' if value is None else str(value).lower()}",
                      markup=False)
