@@ -59,6 +59,21 @@ def test_run_directory_is_self_describing(tiny_data, tmp_path):
     assert again.model == tiny_cfg(tiny_data).model
 
 
+def test_logged_throughput_counts_every_training_second_once(tiny_data, tmp_path):
+    """Each train record's tok/s divides its window's tokens by that window's training seconds,
+    also when a validation falls inside the window: the windows' seconds add up to the run's."""
+    run_dir = tmp_path / "run"
+    summary = train(tiny_cfg(tiny_data, steps=8, extra=["train.log_every=4",
+                                                        "train.val_every=3"]),
+                    open_data(tiny_data), run_dir)
+    records = [r for r in runs.read_metrics(run_dir) if r["type"] == "train"]
+    assert [r["step"] for r in records] == [1, 4, 8]
+    steps = [0] + [r["step"] for r in records]
+    window_seconds = sum((b - a) * 256 / r["tok_s"]
+                         for a, b, r in zip(steps, steps[1:], records, strict=False))
+    assert window_seconds == pytest.approx(summary["train_seconds"], rel=1e-6)
+
+
 def test_resume_equals_uninterrupted(tiny_data, tmp_path):
     data = open_data(tiny_data)
     straight = tmp_path / "straight"

@@ -508,12 +508,16 @@ def bench() -> None:
               help="Untimed steps per contender first.")
 @click.option("--batch-tokens", type=click.IntRange(min=1),
               help="Tokens per step [default: the preset's].")
+@click.option("--precision", "precisions", type=click.Choice(["fp32", "bf16"]), multiple=True,
+              help="Race at this precision (repeatable) [default: fp32 and bf16 autocast].")
 @click.option("--compile", "compiled", is_flag=True,
-              help="Also race lmkit on a torch.compile-d trunk (its compile time is shown).")
+              help="Also race lmkit with torch.compile-d blocks (its compile time is shown) "
+                   "[default: when the preset sets train.compile].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_train(preset: str, objective: str, steps: int, rounds: int, warmup: int,
-                batch_tokens: int | None, compiled: bool, device: str, as_json: bool) -> None:
+                batch_tokens: int | None, precisions: tuple[str, ...], compiled: bool,
+                device: str, as_json: bool) -> None:
     """Training throughput of lmkit against two plain references, fp32 and bf16 autocast.
 
     In one process, on the same data, with the same AdamW and interleaved rounds: lmkit's
@@ -529,7 +533,8 @@ def bench_train(preset: str, objective: str, steps: int, rounds: int, warmup: in
     from lmkit.core.bench.train import bench_train as run
 
     result = run(preset=preset, objective=objective, steps=steps, rounds=rounds, warmup=warmup,
-                 batch_tokens=batch_tokens, compiled=compiled, device=device,
+                 batch_tokens=batch_tokens, precisions=precisions or ("fp32", "bf16"),
+                 compiled=True if compiled else None, device=device,
                  log=None if as_json else console.print)
     if as_json:
         emit_json(result)

@@ -41,6 +41,12 @@ def print_train_table(result: dict[str, Any]) -> None:
                          f"{row['compile_seconds']:.1f}s")
     for name, ratio in (result["bf16_over_fp32"] or {}).items():
         output.print(f"bf16 / fp32 tokens/s, {name}: {ratio:.2f}×")
+    seqs = result["sequences_per_forward"]
+    output.print(f"sequences per forward: lmkit {seqs['lmkit']} (its micro-batch), the "
+                 f"references {seqs['references']} (the whole step, as a plain script does)")
+    for p, ratios in result["flops_s_ratios"].items():
+        output.print(f"model FLOP/s ratios, {p}: "
+                     + ", ".join(f"{pair} {r:.2f}×" for pair, r in ratios.items()))
 
 
 @click.command("all")

@@ -104,6 +104,10 @@ class TrainDisplay:
             f"{info['tokens_per_step']:,} tokens/step{resumed} · {budget_text(info['budget'])}"
             f"\n→ {info['run_dir']}"
         )
+        if info.get("prime_steps"):
+            what = "compiling the blocks, " if info.get("compiled") else ""
+            console.print(f"priming: {info['prime_steps']} untimed step(s), then undone "
+                          f"({what}off the training clock)…")
         if not self.plain:
             self.progress = Progress(
                 TextColumn("[progress.description]{task.description}"), BarColumn(),

@@ -73,6 +73,20 @@ def autocast(device: torch.device, dtype: str) -> Callable[[], AbstractContextMa
     return contextlib.nullcontext
 
 
+def compiler_missing(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot build kernels for ``device`` here, or None when it can:
+    inductor needs a C++ compiler for the CPU and Triton for CUDA."""
+    import importlib.util
+    import shutil
+
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "Triton is not installed"
+    if device.type == "cpu":
+        found = any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+        return None if found else "no C++ compiler (g++, c++ or clang++) is on PATH"
+    return f"lmkit does not compile for {device.type}"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -24,9 +24,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
         # 8 sequences per micro-batch (4 per step): on the 2-core CPU this preset is sized for,
         # 1.2x faster than the whole step at once and half the peak memory (activations stay
-        # in cache); evaluation batches follow the micro-batch.
+        # in cache); evaluation batches follow the micro-batch. Compiled blocks: 1.09x (ar) and
+        # 1.22x (mdlm) faster steps for ~25 s of compiling, done in one untimed primed step.
         "train": {"seq_len": 256, "batch_tokens": 8192, "micro_batch": 8, "steps": 400,
-                  "log_every": 10, "val_every": 100, "val_tokens": 32768, "warmup_steps": 20},
+                  "log_every": 10, "val_every": 100, "val_tokens": 32768, "warmup_steps": 20,
+                  "compile": True, "prime_steps": 1},
     },
     "pg-baseline": {
         "description": "the parameter-golf baseline: 9 layers, d=512, GQA 8/4, Muon, seq 1024, "

@@ -26,6 +26,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +39,7 @@ from lmkit.core.build import Setup, batch_geometry, build, check_declared
 from lmkit.core.checkpoint import load_checkpoint, read_ema, save_checkpoint
 from lmkit.core.config import RunConfig
 from lmkit.core.data import DataSource, RotatingLoader, load_val_tokens
-from lmkit.core.device import synchronize, to_device
+from lmkit.core.device import compiler_missing, to_device
 from lmkit.core.ema import WeightEMA, ema_weights
 from lmkit.core.evaluate import run_evaluation
 from lmkit.core.loggers import Loggers, open_run_loggers
@@ -192,9 +193,11 @@ class LogWindow:
     loss: float = 0.0
     n: int = 0
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0  # the window's training seconds (what its tok/s divides by)
 
-    def add(self, stats: StepStats, tokens: int) -> None:
+    def add(self, stats: StepStats, tokens: int, seconds: float) -> None:
         self.tokens += tokens
+        self.seconds += seconds
         self.loss += stats.loss
         for key, value in stats.metrics.items():
             self.metrics[key] = self.metrics.get(key, 0.0) + value
@@ -303,15 +306,17 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         _write_run_files(run_dir, setup, data)
     start_step = step
 
-    step_model = torch.compile(model) if t.compile else model
+    if t.compile:
+        missing = compiler_missing(device)
+        if missing is None:
+            model.compile_training()
+        else:
+            warnings.warn(f"lmkit: train.compile is on but {missing}: training runs eager",
+                          stacklevel=1)
     # The time budget's clock: where the last step was scheduled to end (lmkit.core.plan), so
     # the step that reaches the cap runs at the schedule's floor and is the last.
     clock_seconds = float(state.get("clock_seconds", train_seconds)) if resume else train_seconds
     to_train = budget.progress(step, tokens_seen, clock_seconds) < 1.0
-    prime_seconds = prime(t.prime_steps if to_train else 0,
-                          lambda i: train_step(setup, step_model, optimizers, loader, accum,
-                                               step + i),
-                          model, optimizers, loader)
     n_params = count_params(model)
     flops_tok = flops_per_token(model.cfg, n_params, t.seq_len, data.vocab_size)
     peak = measure_peak_flops(device, setup.precision)
@@ -321,9 +326,14 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         "tokens_per_step": tokens_per_step, "accum": accum, "budget": dataclasses.asdict(budget),
         "world_size": distributed.world_size(),
         "resumed_at": step if resume else None, "peak_flops": peak,
-        "prime_seconds": prime_seconds, "weights": "raw" if ema is None else "ema",
+        "prime_steps": t.prime_steps if to_train else 0, "compiled": model.compiled_training,
+        "weights": "raw" if ema is None else "ema",
     }
     observer.on_start(info)
+    prime_seconds = prime(info["prime_steps"],
+                          lambda i: train_step(setup, model, optimizers, loader, local_accum,
+                                               step + i),
+                          model, optimizers, loader)
 
     def validate() -> list[dict[str, Any]]:
         nonlocal val_seconds
@@ -353,7 +363,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         ckpt_step, last_ckpt = step, time.perf_counter()
 
     model.train()
-    window_t0 = last_ckpt = time.perf_counter()
+    last_ckpt = time.perf_counter()
     last_val: list[dict[str, Any]] = []
     pace = Pace()  # recent step times: how far the next step moves the clock
     while budget.progress(step, tokens_seen, clock_seconds) < 1.0:
@@ -362,7 +372,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         progress = budget.progress(step, tokens_seen, scheduled)
         mult = lr_multiplier(step, progress, t.warmup_steps, t.warmdown_frac)
         set_schedule(optimizers, cfg.optim, step, mult)
-        stats = train_step(setup, step_model, optimizers, loader, local_accum, step)
+        stats = train_step(setup, model, optimizers, loader, local_accum, step)
         if not (math.isfinite(stats.loss)
                 and (stats.grad_norm is None or math.isfinite(stats.grad_norm))):
             kept = (f"the last good checkpoint (step {ckpt_step}) is kept in {run_dir}"
@@ -376,13 +386,13 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         step += 1
         tokens_seen += tokens_per_step
         trained_tokens += stats.tokens
-        window.add(stats, tokens_per_step)
         if ema is not None:
             ema.update(step - 1)
         # Every rank takes rank 0's step time, so the clock, the pace and the schedule (hence
         # the learning rate and the stopping step) are the same on all of them.
         step_seconds, stopping = distributed.agree_step(time.perf_counter() - t0,
                                                         stop.received is not None)
+        window.add(stats, tokens_per_step, step_seconds)
         train_seconds += step_seconds
         pace.add(step_seconds)
         clock_seconds = scheduled
@@ -390,9 +400,7 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
         done = budget.progress(step, tokens_seen, clock_seconds) >= 1.0
         observer.on_step(step, min(budget.progress(step, tokens_seen, clock_seconds), 1.0))
         if step % t.log_every == 0 or done or step == 1:
-            synchronize(device)
-            elapsed = time.perf_counter() - window_t0
-            tok_s = window.tokens / elapsed if elapsed > 0 else 0.0
+            tok_s = window.tokens / window.seconds if window.seconds > 0 else 0.0
             frac = budget.progress(step, tokens_seen, clock_seconds)
             record = {
                 "type": "train", "step": step, "tokens": tokens_seen,
@@ -408,16 +416,13 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
             }
             log.write(record)
             observer.on_log(record)
-            window_t0, window = time.perf_counter(), LogWindow()
+            window = LogWindow()
         if t.val_every and step % t.val_every == 0 and not done:
             last_val = validate()
-            window_t0 = time.perf_counter()
         due = (t.ckpt_every and step % t.ckpt_every == 0) or (
             t.ckpt_seconds and time.perf_counter() - last_ckpt >= t.ckpt_seconds)
         if stopping or (due and not done):
-            c0 = time.perf_counter()
             checkpoint()
-            window_t0 += time.perf_counter() - c0  # tok/s counts training, not saving
         if stopping:
             signum = stop.received or signal.SIGTERM  # under torchrun: another rank's signal
             distributed.barrier()

@@ -20,6 +20,7 @@ inputs from a 128-wide sigma embedding, an untied head over the padded vocabular
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmkit.core.kernels import apply_rotary, relu2
+from lmkit.core.kernels import apply_rotary, relu2, rms_norm
 from lmkit.errors import LmkitError
 
 
@@ -90,7 +91,7 @@ def check_config(cfg: ModelConfig, vocab_size: int, n_special: int = 0) -> None:
 
 def norm(x: Tensor) -> Tensor:
     """Weightless RMSNorm: the baseline keeps no norm gains (fewer bytes, no loss in quality)."""
-    return F.rms_norm(x, (x.size(-1),))
+    return rms_norm(x)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -183,11 +184,12 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0,
                 same_segment: Tensor | None = None) -> Tensor:
         B, T, d = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.qk_norm:
+        q = self.q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:  # before the transpose, while each head's row is contiguous
             q, k = norm(q), norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.q_gain is not None:
             q = q * self.q_gain.to(q.dtype)[None, :, None, None]
@@ -277,6 +279,13 @@ class TimeEmbedding(nn.Module):
         return F.silu(self.fc2(F.silu(self.fc1(emb))))
 
 
+@functools.cache
+def _compiled_block_call():  # noqa: ANN202  (a torch.compile-d callable)
+    """One compiled ``block(*args)`` for every block of every model: regional compilation, so
+    one graph (per block configuration) is traced once and serves all layers."""
+    return torch.compile(lambda block, *args: block(*args))
+
+
 def padded_vocab_size(vocab_size: int, n_special: int = 0) -> int:
     """Embedding rows: tokens plus special ids, rounded up to 64 for tidy matmul shapes."""
     return math.ceil((vocab_size + n_special) / 64) * 64
@@ -318,6 +327,8 @@ class Transformer(nn.Module):
         # Trainable modules an objective declares (extra heads, a learned schedule, ...): part of
         # the model, so they are counted, optimized, checkpointed and packed with it.
         self.objective_modules = nn.ModuleDict()
+        # train.compile: training steps run the blocks torch.compile-d (see compile_training)
+        self.compiled_training = False
         if cfg.tie_embeddings:
             nn.init.normal_(self.embed.weight, mean=0.0, std=cfg.embed_init_std)
 
@@ -344,15 +355,23 @@ class Transformer(nn.Module):
             start = cache.pos
         cos, sin = self.rotary(start + idx.size(1))
         cos, sin = cos[start:], sin[start:]
+        compiled = (_compiled_block_call() if self.compiled_training and self.training
+                    and torch.is_grad_enabled() and cache is None else None)
+
+        def run(block: Block, i: int, x: Tensor) -> Tensor:
+            if compiled is not None:  # no layer index: an int argument would recompile per layer
+                return compiled(block, x, x0, cos, sin, c, None, 0, same)
+            return block(x, x0, cos, sin, c, cache, i, same)
+
         skips = []
         for i, block in enumerate(self.blocks):
             if i < self.n_enc:
-                x = block(x, x0, cos, sin, c, cache, i, same)
+                x = run(block, i, x)
                 skips.append(x)
                 continue
             if skips:  # decoder block j adds the output of encoder block n_enc-1-j
                 x = torch.addcmul(x, self.skip_weights[i - self.n_enc], skips.pop())
-            x = block(x, x0, cos, sin, c, cache, i, same)
+            x = run(block, i, x)
         if cache is not None:
             cache.pos += idx.size(1)
         return norm(x)
@@ -372,6 +391,13 @@ class Transformer(nn.Module):
     def forward(self, idx: Tensor, cond: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:
         return self.logits(self.forward_hidden(idx, cond, cache))
+
+    def compile_training(self) -> None:
+        """Run the blocks ``torch.compile``-d in training steps (``train.compile``), for every
+        objective, whether it calls ``forward`` or ``forward_hidden``. Evaluation, decoding and
+        anything under no_grad stay eager: their shapes vary, and recompiling would cost more
+        than it saves. The module itself is unchanged (state dict, copies, checkpoints)."""
+        self.compiled_training = True
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache for decoding up to ``max_len`` positions with this causal model."""

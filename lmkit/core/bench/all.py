@@ -41,8 +41,10 @@ def bench_all(*, preset: str = "small", rounds: int = 3, batch_tokens: int = 204
     t0 = time.perf_counter()
     say = log or (lambda _: None)
     say("train bench: lmkit against the references, fp32 and bf16 …")
+    # eager lmkit only: compiling two more contenders would double this bench's time
+    # (`lmkit bench train` races the compiled one too)
     train_result = bench_train(preset=preset, steps=1, rounds=rounds, warmup=1,
-                               batch_tokens=batch_tokens, device=device, log=log)
+                               batch_tokens=batch_tokens, compiled=False, device=device, log=log)
     with tempfile.TemporaryDirectory(prefix="lmkit-bench-") as tmp:
         run_dir = Path(tmp) / "ar"
         say(f"training a {train_steps}-step AR run for the evaluation bench …")

@@ -3,7 +3,9 @@
 In one process, on the same batches, with the same AdamW, lmkit's :func:`train_step` races
 :class:`~lmkit.core.bench.reference.BaselineGPT` (the same architecture, written plainly) and
 :class:`~lmkit.core.bench.reference.PlainGPT` (a GPT-2-style stack of the same width and depth),
-in fp32 and bf16 autocast. Rounds are interleaved (every contender runs a few steps in turn,
+in fp32 and bf16 autocast. lmkit runs as its config says (the preset's micro-batches; compiled
+blocks as a separate contender); the references run the whole step in one forward, as the
+scripts they stand for do. Rounds are interleaved (every contender runs a few steps in turn,
 the order rotating each round) and medians are reported, so load from other processes on a
 shared machine hits every contender alike. The matmul peak is measured once per round too,
 and its spread is reported, because it drifts as much as the throughput does.
@@ -31,7 +33,7 @@ from lmkit.core.trunk import count_params, flops_per_token
 CONTENDERS = ("lmkit", "reference_a", "reference_b")
 DESCRIPTIONS = {
     "lmkit": "lmkit train_step (the trunk under the objective)",
-    "lmkit_compiled": "lmkit train_step on the torch.compile-d trunk (train.compile=true)",
+    "lmkit_compiled": "lmkit train_step with the trunk's blocks torch.compile-d (train.compile)",
     "reference_a": "plain parameter-golf baseline GPT (same architecture)",
     "reference_b": "plain GPT-2 style (LayerNorm, GELU MLP 4x, learned positions)",
 }
@@ -95,20 +97,21 @@ def _contenders(cfg: Any, data: Any, precision: str, compiled: bool
 
 
 def _compiled_lmkit(cfg: Any, data: Any, flops_tok: float) -> dict[str, Any]:
-    """lmkit's step on its own ``torch.compile``-d copy of the trunk; the first call (which
-    compiles) is timed apart, as ``compile_seconds``."""
+    """lmkit's step on its own trunk with ``train.compile``'s compiled blocks; the first call
+    (which compiles, unless this process compiled that block already) is timed apart, as
+    ``compile_seconds``."""
     setup = build(cfg, data)
     optimizers = build_optimizers(setup.model, cfg.optim)
     micro, accum, _ = batch_geometry(cfg)
     loader = setup.loader(micro)
     setup.model.train()
-    model = torch.compile(setup.model)
+    setup.model.compile_training()
     entry: dict[str, Any] = {"params": count_params(setup.model), "flops_per_token": flops_tok}
     t0 = time.perf_counter()
-    train_step(setup, model, optimizers, loader, accum, 0)
+    train_step(setup, setup.model, optimizers, loader, accum, 0)
     synchronize(setup.device)
     entry["compile_seconds"] = time.perf_counter() - t0
-    entry["step"] = lambda: train_step(setup, model, optimizers, loader, accum, 1)
+    entry["step"] = lambda: train_step(setup, setup.model, optimizers, loader, accum, 1)
     return entry
 
 
@@ -125,7 +128,7 @@ def bench_train(
     warmup: int = 1,
     precisions: tuple[str, ...] = ("fp32", "bf16"),
     batch_tokens: int | None = None,
-    compiled: bool = False,
+    compiled: bool | None = None,
     data_path: str | None = None,
     device: str = "auto",
     log: Callable[[str], None] | None = None,
@@ -133,13 +136,15 @@ def bench_train(
     """Tokens/s, model FLOPs/token, model FLOP/s and MFU of lmkit and both references, with
     every ratio to lmkit, per precision; medians over ``rounds`` interleaved rounds of
     ``steps`` optimizer steps each. ``batch_tokens`` overrides the preset's step size;
-    ``compiled`` adds lmkit on a ``torch.compile``-d trunk as a fourth contender."""
+    ``compiled`` adds lmkit with compiled blocks as a fourth contender (None: when the preset sets
+    ``train.compile``); the ``lmkit`` row is always eager, so its ratios compare like with like."""
     cfg = resolve_config(preset=preset, flags={"objective": objective, "train.device": device,
                                                "train.steps": steps * rounds + warmup,
                                                "train.batch_tokens": batch_tokens,
                                                "data.path": data_path})
     data = open_for_training(cfg.data, log)
-    tokens_per_step = batch_geometry(cfg)[2]
+    micro, accum, tokens_per_step = batch_geometry(cfg)
+    compiled = cfg.train.compile if compiled is None else compiled
     names = CONTENDERS + (("lmkit_compiled",) if compiled else ())
     runs = {p: _contenders(cfg, data, p, compiled) for p in precisions}
     dev = runs[precisions[0]]["lmkit"]["device"]
@@ -165,6 +170,7 @@ def bench_train(
             log(f"round {r + 1}/{rounds}: " + ", ".join(
                 f"{name}/{p} {tok_s[(p, name)][-1]:,.0f} tok/s" for p, name in order))
     rows = []
+    ratios: dict[str, dict[str, float]] = {}
     for p in precisions:
         peak = _summary(peaks[p])
         by = {}
@@ -185,10 +191,16 @@ def bench_train(
             row["lmkit_over_this_flops_s"] = by["lmkit"]["model_flops_s"] / row["model_flops_s"]
             row["peak_flops"] = peak
             rows.append(row)
+        ratios[p] = {f"{mine}/{ref}": by[mine]["model_flops_s"] / by[ref]["model_flops_s"]
+                     for mine in names if mine.startswith("lmkit")
+                     for ref in ("reference_a", "reference_b")}
     return {
         "benchmark": "train", "preset": preset, "objective": objective, "device": str(dev),
         "threads": torch.get_num_threads(), "steps_per_round": steps, "rounds": rounds,
-        "warmup": warmup, "tokens_per_step": tokens_per_step, "rows": rows,
+        "warmup": warmup, "tokens_per_step": tokens_per_step,
+        # sequences per forward: lmkit micro-batches as configured, the plain scripts do not
+        "sequences_per_forward": {"lmkit": micro, "references": micro * accum},
+        "rows": rows, "flops_s_ratios": ratios,
         "bf16_over_fp32": ({name: statistics.median(tok_s[("bf16", name)])
                             / statistics.median(tok_s[("fp32", name)]) for name in names}
                            if {"fp32", "bf16"} <= set(precisions) else None),

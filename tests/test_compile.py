@@ -1,0 +1,68 @@
+"""``train.compile``: compiled blocks in training steps, the same numbers, eager elsewhere."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmkit.core import train as train_mod
+from lmkit.core.config import resolve_config
+from lmkit.core.data import open_data
+from lmkit.core.device import compiler_missing
+from lmkit.core.trunk import Transformer
+from tests.test_trunk import randomize, tiny
+
+
+def _loss_and_grads(model: Transformer, idx: torch.Tensor, cond: torch.Tensor | None):
+    model.zero_grad(set_to_none=True)
+    h = model.forward_hidden(idx, cond)
+    loss = F.cross_entropy(model.logits(h).flatten(0, 1), idx.flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compiler_missing(torch.device("cpu")) is not None,
+                    reason="torch.compile needs a C++ compiler on the CPU")
+@pytest.mark.parametrize("kind", ["causal", "bidirectional_time_cond"])
+def test_compiled_training_matches_eager_and_leaves_inference_eager(kind):
+    cfg = tiny() if kind == "causal" else tiny(causal=False, time_cond=True)
+    torch.manual_seed(0)
+    eager = Transformer(cfg, 50, n_special=2)
+    randomize(eager)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_training()
+    copy.deepcopy(compiled)  # still a plain module: copies (EMA, packing) keep working
+    idx = torch.randint(0, 50, (3, 12))
+    cond = torch.rand(3) if cfg.time_cond else None
+    eager.train(), compiled.train()
+    for _ in range(2):  # the second call runs the cached graph
+        loss_e, grads_e = _loss_and_grads(eager, idx, cond)
+        loss_c, grads_c = _loss_and_grads(compiled, idx, cond)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        assert grads_c.keys() == grads_e.keys()
+        for name in grads_e:
+            torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6,
+                                       msg=name)
+    compiled.eval(), eager.eval()
+    with torch.no_grad():  # evaluation is the eager path: bit for bit the uncompiled model's
+        assert torch.equal(compiled(idx, cond), eager(idx, cond))
+
+
+def test_without_a_compiler_training_warns_and_runs_eager(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "compiler_missing", lambda device: "no C++ compiler here")
+
+    def must_not_compile(self):
+        raise AssertionError("compile_training called without a compiler")
+
+    monkeypatch.setattr(Transformer, "compile_training", must_not_compile)
+    cfg = resolve_config(preset="tiny", flags={"train.steps": 2, "data.path": str(tiny_data)},
+                         sets=["train.seq_len=32", "train.batch_tokens=256", "train.compile=true",
+                               "train.val_tokens=256"])
+    with pytest.warns(UserWarning, match="train.compile is on but no C\\+\\+ compiler here"):
+        summary = train_mod.train(cfg, open_data(tiny_data), tmp_path / "run")
+    assert summary["steps"] == 2
