@@ -98,7 +98,7 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: Tensor) -> Tensor:
     """RMSNorm over the last dimension without a gain, ``eps = finfo(dtype).eps`` like
     ``F.rms_norm``. CUDA (and inference) use PyTorch's fused kernel; CPU training uses
-    :class:`_RMSNorm`, whose backward is about 5x faster there."""
+    :class:`_RMSNorm` (a ``small`` training step 1.04x faster, interleaved A/B)."""
     if x.is_cuda or not (x.requires_grad and torch.is_grad_enabled()):
         return F.rms_norm(x, (x.size(-1),))
     return _RMSNorm.apply(x, torch.finfo(x.dtype).eps)
