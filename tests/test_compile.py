@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmkit.core import train as train_mod
+from lmkit.core import trunk
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_data
 from lmkit.core.device import compiler_missing
@@ -29,7 +30,16 @@ def _loss_and_grads(model: Transformer, idx: torch.Tensor, cond: torch.Tensor | 
 @pytest.mark.skipif(compiler_missing(torch.device("cpu")) is not None,
                     reason="torch.compile needs a C++ compiler on the CPU")
 @pytest.mark.parametrize("kind", ["causal", "bidirectional_time_cond"])
-def test_compiled_training_matches_eager_and_leaves_inference_eager(kind):
+def test_compiled_training_matches_eager_and_leaves_inference_eager(kind, monkeypatch):
+    compiled_call = trunk._compiled_block_call()
+    calls = []
+
+    def counting_call(*args):
+        calls.append(args[0])
+        return compiled_call(*args)
+
+    monkeypatch.setattr(trunk, "_compiled_block_call", lambda: counting_call)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     cfg = tiny() if kind == "causal" else tiny(causal=False, time_cond=True)
     torch.manual_seed(0)
     eager = Transformer(cfg, 50, n_special=2)
@@ -48,9 +58,13 @@ def test_compiled_training_matches_eager_and_leaves_inference_eager(kind):
         for name in grads_e:
             torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6,
                                        msg=name)
+    # every training forward ran each block through the compiled callable, which compiled
+    assert calls == list(compiled.blocks) * 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
     compiled.eval(), eager.eval()
     with torch.no_grad():  # evaluation is the eager path: bit for bit the uncompiled model's
         assert torch.equal(compiled(idx, cond), eager(idx, cond))
+    assert len(calls) == 2 * len(compiled.blocks)
 
 
 def test_without_a_compiler_training_warns_and_runs_eager(tiny_data, tmp_path, monkeypatch):
