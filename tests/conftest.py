@@ -33,17 +33,22 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, sotu_docs: list[str]) ->
 
 
 @contextlib.contextmanager
-def registered_plugin(name: str, objectives=(), samplers=()):
+def registered_plugin(name: str, objectives=(), samplers=(), loggers=()):
     """A registry holding the built-ins and a test plugin ``name`` registering the given
     classes, as its entry point would; the process registry is restored afterwards."""
     from lmkit import hookimpl
     from lmkit.core import registry as registry_mod
 
     plugin = types.ModuleType(f"lmkit_{name}")
-    if objectives:
-        plugin.register_objectives = hookimpl(lambda register: [register(c) for c in objectives])
-    if samplers:
-        plugin.register_samplers = hookimpl(lambda register: [register(c) for c in samplers])
+    for hook, classes in (("register_objectives", objectives), ("register_samplers", samplers),
+                          ("register_loggers", loggers)):
+        if classes:
+            def register_all(register, classes=classes):
+                for cls in classes:
+                    register(cls)
+
+            register_all.__name__ = hook  # the registry lists a plugin's hooks by name
+            setattr(plugin, hook, hookimpl(register_all))
     reg = registry_mod.Registry()
     reg.load(entry_points=False)
     reg.add_plugin(plugin, name, f"lmkit-{name}", "0")

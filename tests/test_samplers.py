@@ -27,11 +27,12 @@ from lmkit.core.genmetrics import (
     judge_nats,
     unigram_entropy,
 )
-from lmkit.core.registry import Registry, entry_listing
+from lmkit.core.registry import entry_listing
 from lmkit.core.runs import load_run
 from lmkit.core.train import train
 from lmkit.errors import LmkitError
 from lmkit.protocols import SampleResult
+from tests.conftest import registered_plugin
 
 FAST = ["train.seq_len=32", "train.batch_tokens=512", "train.log_every=10",
         "train.val_tokens=1024", "train.dtype=fp32", "optim.lr=0.01"]
@@ -206,20 +207,8 @@ class EmitsMaskSampler(FirstTokenSampler):
 
 @pytest.fixture
 def plugin_registry():
-    mod = types.ModuleType("lmkit_test_samplers")
-
-    @hookimpl
-    def register_samplers(register):
-        register(FirstTokenSampler)
-        register(EmitsMaskSampler)
-
-    mod.register_samplers = register_samplers
-    reg = Registry()
-    reg.load(entry_points=False)
-    reg.add_plugin(mod, "lmkit_test_samplers", "lmkit-test-samplers", "0.1")
-    registry_mod.reset_registry(reg)
-    yield reg
-    registry_mod.reset_registry(None)
+    with registered_plugin("test-samplers", samplers=[FirstTokenSampler, EmitsMaskSampler]) as reg:
+        yield reg
 
 
 def test_third_party_sampler_is_listed_and_works(plugin_registry, ar_run):
