@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from lmkit.core.defaults import DEFAULT_CALIB_TOKENS
 from lmkit.errors import LmkitError
 
 
@@ -116,3 +117,10 @@ def objective_options(opts: tuple[str, ...], stride: int | None) -> dict[str, An
 estimator_seed_option = click.option(
     "--seed", type=bounded(0, MAX_SEED),
     help="Seed of the Monte-Carlo estimators [default: the run's].")
+
+
+# `lmkit pack`, `lmkit record` and `lmkit bench pack` calibrate GPTQ with the same option
+def calib_tokens_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--calib-tokens", type=Count(min=1), default=DEFAULT_CALIB_TOKENS, show_default=True,
+        help="Training tokens for GPTQ's Hessians (training shards, never validation).")(command)

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from lmkit.cli.display import console, emit_json, metric_cell, output
-from lmkit.cli.options import Count, objective_options, scoring_options
-from lmkit.core.defaults import DEFAULT_CALIB_TOKENS, DEFAULT_CAP_BYTES
+from lmkit.cli.options import Count, calib_tokens_option, objective_options, scoring_options
+from lmkit.core.defaults import DEFAULT_CAP_BYTES
 
 
 @click.command("pack")
@@ -24,9 +24,7 @@ from lmkit.core.defaults import DEFAULT_CALIB_TOKENS, DEFAULT_CAP_BYTES
                    "are pruned until the file fits.")
 @click.option("--compression", type=click.Choice(["zlib", "lzma"]),
               help="[default: zlib for the int8 baseline, lzma otherwise]")
-@click.option("--calib-tokens", type=Count(min=1), default=DEFAULT_CALIB_TOKENS,
-              show_default=True,
-              help="Training tokens for GPTQ's Hessians (training shards, never validation).")
+@calib_tokens_option
 @scoring_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def pack_command(run_dir, bits, method, cap_bytes, compression, calib_tokens, max_tokens, stride,
@@ -85,8 +83,7 @@ def _bit_widths(ctx: click.Context, param: click.Parameter, value: str) -> tuple
                    "gives each penalty's stderr.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Evaluation precision (bf16 rounding moves a score by ~5e-5 bpb).")
-@click.option("--calib-tokens", type=Count(min=1), default=DEFAULT_CALIB_TOKENS,
-              show_default=True, help="Training tokens for GPTQ's Hessians.")
+@calib_tokens_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_pack_command(run_dirs, bits, max_tokens, blocks, dtype, calib_tokens, device,

@@ -8,8 +8,15 @@ from pathlib import Path
 import click
 
 from lmkit.cli.display import console, emit_json, output
-from lmkit.cli.options import MAX_BATCH, Count, bounded, objective_options, parse_opts
-from lmkit.core.defaults import DEFAULT_CALIB_TOKENS, DEFAULT_CAP_BYTES
+from lmkit.cli.options import (
+    MAX_BATCH,
+    Count,
+    bounded,
+    calib_tokens_option,
+    objective_options,
+    parse_opts,
+)
+from lmkit.core.defaults import DEFAULT_CAP_BYTES
 from lmkit.errors import LmkitError
 
 
@@ -42,8 +49,7 @@ def _date(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.d
                    "packed to what the code leaves.")
 @click.option("--bits", type=click.Choice(["6", "8"]), default="6", show_default=True,
               help="Artifact recipe, as in `lmkit pack`.")
-@click.option("--calib-tokens", type=Count(min=1), default=DEFAULT_CALIB_TOKENS,
-              show_default=True, help="Training tokens for GPTQ's Hessians.")
+@calib_tokens_option
 @click.option("--max-tokens", type=Count(min=1),
               help="Score only a validation prefix (then full_validation_targets is false) "
                    "[default: all of it].")
