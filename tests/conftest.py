@@ -33,15 +33,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, sotu_docs: list[str]) ->
 
 
 @contextlib.contextmanager
-def registered_plugin(name: str, objectives=(), samplers=(), loggers=()):
+def registered_plugin(name: str, objectives=(), samplers=()):
     """A registry holding the built-ins and a test plugin ``name`` registering the given
     classes, as its entry point would; the process registry is restored afterwards."""
     from lmkit import hookimpl
     from lmkit.core import registry as registry_mod
 
     plugin = types.ModuleType(f"lmkit_{name}")
-    for hook, classes in (("register_objectives", objectives), ("register_samplers", samplers),
-                          ("register_loggers", loggers)):
+    for hook, classes in (("register_objectives", objectives), ("register_samplers", samplers)):
         if classes:
             def register_all(register, classes=classes):
                 for cls in classes:

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+import types
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -20,14 +21,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from lmkit import hookimpl
 from lmkit.builtin.loggers import refuse_remote, scalars, wandb_run_id, wandb_settings
 from lmkit.core import registry as registry_mod
 from lmkit.core.config import resolve_config, to_toml
 from lmkit.core.loggers import LoggerWarning
+from lmkit.core.registry import Registry
 from lmkit.core.runs import read_metrics
 from lmkit.errors import LmkitError
 from lmkit.protocols import LoggerContext
-from tests.conftest import registered_plugin
 from tests.test_cli import FAST, assert_one_clear_error, run_cli
 
 TINY = ["--objective", "ar", "--preset", "tiny", "--steps", "3", "--set", "train.log_every=1",
@@ -180,10 +182,22 @@ class Flaky(Recorder):
 def sink_plugin():
     """A registry holding the built-ins and a plugin registering Recorder and Flaky, as its
     entry point would; the process registry is restored (the plugin gone) afterwards."""
+    plugin = types.ModuleType("lmkit_sinks")
+
+    @hookimpl
+    def register_loggers(register):
+        register(Recorder)
+        register(Flaky)
+
+    plugin.register_loggers = register_loggers
+    reg = Registry()
+    reg.load(entry_points=False)
+    reg.add_plugin(plugin, "sinks", "lmkit-sinks", "0.1")
+    registry_mod.reset_registry(reg)
     Recorder.opened, Recorder.seen, Recorder.closed = [], [], 0
     Flaky.steps, Flaky.closed = [], 0
-    with registered_plugin("sinks", loggers=[Recorder, Flaky]) as reg:
-        yield reg
+    yield reg
+    registry_mod.reset_registry(None)
     assert "recorder" not in registry_mod.get_registry().entries["logger"]
 
 

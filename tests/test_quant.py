@@ -464,7 +464,8 @@ def test_the_cap_is_decimal_bytes():
 
     assert cli_pack.DEFAULT_CAP_BYTES == DEFAULT_CAP_BYTES
     assert cli_pack.pack_command.params[3].default == DEFAULT_CAP_BYTES
-    assert cli_pack.DEFAULT_CALIB_TOKENS == core_pack.DEFAULT_CALIB_TOKENS
+    calib = next(p for p in cli_pack.pack_command.params if p.name == "calib_tokens")
+    assert calib.default == core_pack.DEFAULT_CALIB_TOKENS
 
 
 def test_cap_compares_exact_file_bytes(artifact):
