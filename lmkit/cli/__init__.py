@@ -32,6 +32,7 @@ from lmkit.cli.options import (
     parse_opts,
     scoring_options,
 )
+from lmkit.core.memory import keep_freed_memory
 from lmkit.errors import LmkitError
 
 
@@ -651,6 +652,7 @@ def _add_plugin_commands() -> None:
 
 
 def _run(argv: list[str] | None) -> None:
+    keep_freed_memory()  # a training step's tensors reuse freed pages instead of faulting them in
     if "WORLD_SIZE" not in os.environ:  # not under torchrun (and `--help` never imports torch)
         _add_plugin_commands()
         cli.main(args=argv, prog_name="lmkit", standalone_mode=False)

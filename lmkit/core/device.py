@@ -98,20 +98,3 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return batch.pin_memory().to(device, non_blocking=True)
     return batch.to(device)
-
-
-def release_memory() -> None:
-    """Hand freed memory back to the OS between phases (a run's training, its evaluation).
-
-    glibc keeps the pages of large freed temporaries in its arenas, so a process that trains
-    and evaluates several models in turn grows by each phase's peak; ``malloc_trim`` returns
-    them. A no-op where there is no glibc.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -16,8 +16,8 @@ from lmkit.core.build import batch_geometry
 from lmkit.core.compare.entry import CompareObserver, Entry, NullCompareObserver
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_for_training
-from lmkit.core.device import release_memory
 from lmkit.core.evaluate import evaluate_run
+from lmkit.core.memory import release_memory
 from lmkit.core.plan import Budget, budget_done
 from lmkit.core.registry import get_objective
 from lmkit.core.train import train
