@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmkit.core.kernels import apply_rotary, relu2, rms_norm
+from lmkit.core.kernels import apply_rotary, relu2, rms_norm, softcap_nats
 
 
 def _plain_rotary(x, cos, sin):
@@ -77,3 +77,33 @@ def test_rms_norm_without_grad_is_torchs() -> None:
     x = torch.randn(4, 8)
     with torch.no_grad():
         assert torch.equal(rms_norm(x), _torch_rms(x))
+
+
+def _plain_softcap_nats(u: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+    logits = cap * torch.tanh(u * 0.5)  # u = 2 z / cap, so z / cap = u / 2
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+@pytest.mark.parametrize("cap", [30.0, 2.0])
+def test_softcap_nats_matches_the_tanh_form_and_passes_gradcheck(cap: float) -> None:
+    g = torch.Generator().manual_seed(2)
+    u = (torch.randn(40, 17, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    targets = torch.randint(0, 17, (40,), generator=g)
+    assert torch.autograd.gradcheck(lambda t: softcap_nats(t, targets, cap), (u,))
+    grad = torch.rand(40, generator=g, dtype=torch.float64)
+    mine = softcap_nats(u, targets, cap)
+    plain = _plain_softcap_nats(u, targets, cap)
+    torch.testing.assert_close(mine, plain)
+    torch.testing.assert_close(torch.autograd.grad(mine, u, grad)[0],
+                               torch.autograd.grad(plain, u, grad)[0])
+    u32 = u.detach().float().requires_grad_()  # float32, as the trunk calls it
+    torch.testing.assert_close(softcap_nats(u32, targets, cap),
+                               _plain_softcap_nats(u32, targets, cap), atol=1e-5, rtol=1e-5)
+
+
+def test_softcap_nats_of_no_rows_is_empty() -> None:
+    u = torch.zeros(0, 5, requires_grad=True)
+    out = softcap_nats(u, torch.zeros(0, dtype=torch.long), 30.0)
+    assert out.shape == (0,)
+    out.sum().backward()
+    assert u.grad.shape == (0, 5)

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from lmkit.builtin.ar import ARObjective
+from lmkit.core import trunk
 from lmkit.core.build import new_model
+from lmkit.core.kernels import softcap_nats
 from lmkit.core.trunk import ModelConfig
 from lmkit.protocols import Batch, TokenSpec
 
@@ -98,3 +100,40 @@ def test_ar_loss_matches_pre_change_value() -> None:
     objective = ARObjective(ARObjective.Options(), TokenSpec(vocab_size=61, bos_id=1, special={}))
     out = objective.loss(model, Batch(tokens=tokens, step=0))
     torch.testing.assert_close(out.loss.item(), AR_LOSS, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_token_nats_training_path_matches_logits_then_cross_entropy(
+        dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a gradient, ``token_nats`` takes the fused soft-capped path; its nats and every
+    parameter gradient equal those of ``logits`` + ``F.cross_entropy`` (the inference path)."""
+    calls = []
+    monkeypatch.setattr(trunk, "softcap_nats", lambda *a: calls.append(1) or softcap_nats(*a))
+    torch.manual_seed(0)
+    model = new_model(ModelConfig(**BASE), 61, 2, "cpu", 16)
+    g = _redraw(model, 3)
+    idx = torch.randint(0, 63, (2, 12), generator=g)
+    tgt = torch.randint(0, 61, (2, 12), generator=g)
+    results = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            h = model.forward_hidden(idx)
+            if fused:
+                nats = model.token_nats(h, tgt)
+            else:
+                nats = F.cross_entropy(model.logits(h).flatten(0, 1), tgt.flatten(),
+                                       reduction="none").view_as(tgt)
+        nats.mean().backward()
+        results.append((nats.detach(), [p.grad.clone() for p in model.parameters()]))
+    (fused_nats, fused_grads), (plain_nats, plain_grads) = results
+    assert calls == [1]  # the first pass went through the fused kernel
+    assert fused_nats.shape == tgt.shape and fused_nats.dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused_nats, plain_nats, **tol)
+    for a, b in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad():  # without a gradient it is the inference path, bit for bit
+        h = model.forward_hidden(idx)
+        assert torch.equal(model.token_nats(h, tgt), F.cross_entropy(
+            model.logits(h).flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt))

@@ -36,6 +36,8 @@ class AREvalOptions:
 
 def token_nats(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-position negative log-likelihood in nats (float32), shape of ``targets``."""
+    if isinstance(model, Transformer):  # the head and the loss in one
+        return model.token_nats(model.forward_hidden(inputs), targets)
     logits = model(inputs)
     return F.cross_entropy(
         logits.float().flatten(0, 1), targets.flatten(), reduction="none"

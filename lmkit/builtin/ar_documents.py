@@ -20,10 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lmkit.core.bpb import Metric
 from lmkit.core.contexts import DOCUMENT_ISOLATED
+from lmkit.core.trunk import head_nats
 from lmkit.errors import LmkitError
 
 
@@ -96,9 +96,7 @@ def document_isolated_nll(model: torch.nn.Module, ctx: Any) -> Metric:
         targets = torch.where(real, val[pos + 1], torch.zeros_like(pos))
         with ctx.autocast():
             hidden = model.forward_hidden(inputs.to(ctx.device), segments=segment.to(ctx.device))
-            logits = model.logits(hidden)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), targets.to(ctx.device).flatten(),
-                               reduction="none").view(targets.shape)
+            nats = head_nats(model, hidden, targets.to(ctx.device))
         positions = torch.where(real, pos + 1, torch.full_like(pos, -1))
         meter.add_positions(positions.to(ctx.device), nats)
         ctx.progress(min(b + ctx.batch_size, len(rows)), len(rows))

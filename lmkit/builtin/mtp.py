@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkit.builtin.ar import AREvalOptions, ARObjective
-from lmkit.core.trunk import ModelConfig, Transformer
+from lmkit.core.trunk import ModelConfig, Transformer, head_nats
 from lmkit.errors import LmkitError
 from lmkit.protocols import Batch, LossOutput, TokenSpec
 
@@ -46,7 +46,7 @@ class MTPObjective(ARObjective):
     def loss(self, model: Transformer, batch: Batch) -> LossOutput:
         inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]
         hidden = model.forward_hidden(inputs)
-        next_nll = F.cross_entropy(model.logits(hidden).flatten(0, 1), targets.flatten())
+        next_nll = head_nats(model, hidden, targets).mean()
         ahead = self.head2(hidden[:, :-1]).float()
         t2_nll = F.cross_entropy(ahead.flatten(0, 1), targets[:, 1:].flatten())
         loss = next_nll + self.options.weight * t2_nll

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmkit.core.kernels import apply_rotary, relu2, rms_norm
+from lmkit.core.kernels import apply_rotary, relu2, rms_norm, softcap_nats
 from lmkit.errors import LmkitError
 
 
@@ -382,11 +382,33 @@ class Transformer(nn.Module):
         The cap's ``1/cap`` scales the [vocab, d] weight rather than the [B, T, vocab] logits:
         one pass over the big tensor fewer, forward and backward.
         """
-        w = (self.embed.weight if self.head is None else self.head.weight)[: self.vocab_size]
         cap = self.cfg.logit_softcap
         if not cap:
-            return F.linear(h, w).float()
-        return cap * torch.tanh(F.linear(h, w * (1.0 / cap)).float())
+            return F.linear(h, self._head_weight()).float()
+        return cap * torch.tanh(F.linear(h, self._head_weight() * (1.0 / cap)).float())
+
+    def token_nats(self, h: Tensor, targets: Tensor) -> Tensor:
+        """−log p(target) in nats (float32, the shape of ``targets``) from hidden states
+        [..., d]: the head and the cross-entropy in one, for losses that need no logits.
+
+        With a soft cap and a gradient to take, :func:`~lmkit.core.kernels.softcap_nats` (the
+        same values to float rounding, fewer passes over the [N, vocab] logits and one of them
+        kept for the backward instead of two); otherwise ``F.cross_entropy`` of :meth:`logits`.
+        """
+        cap = self.cfg.logit_softcap
+        flat = targets.reshape(-1)
+        if cap and h.requires_grad and torch.is_grad_enabled():
+            u = F.linear(h, self._head_weight() * (2.0 / cap)).float()
+            nats = softcap_nats(u.reshape(flat.numel(), u.size(-1)), flat, cap)
+        else:
+            logits = self.logits(h)
+            nats = F.cross_entropy(logits.reshape(flat.numel(), logits.size(-1)), flat,
+                                   reduction="none")
+        return nats.view(targets.shape)
+
+    def _head_weight(self) -> Tensor:
+        """The output matrix's rows for the real vocabulary (the tied embedding or the head)."""
+        return (self.embed.weight if self.head is None else self.head.weight)[: self.vocab_size]
 
     def forward(self, idx: Tensor, cond: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:
@@ -454,6 +476,18 @@ class Transformer(nn.Module):
         taken = {id(p) for ps in groups.values() for p in ps}
         groups["scalar"] = [p for p in self.parameters() if id(p) not in taken]
         return groups
+
+
+def head_nats(model: nn.Module, h: Tensor, targets: Tensor) -> Tensor:
+    """−log p(targets) (nats, float32) from hidden states through ``model``'s head: the trunk's
+    :meth:`Transformer.token_nats`, or for any other model with its ``logits`` surface (a test's
+    stand-in, say) the cross-entropy of ``model.logits(h)``."""
+    if isinstance(model, Transformer):
+        return model.token_nats(h, targets)
+    logits = model.logits(h).float()
+    flat = targets.reshape(-1)
+    return F.cross_entropy(logits.reshape(flat.numel(), logits.size(-1)), flat,
+                           reduction="none").view(targets.shape)
 
 
 def count_params(model: nn.Module) -> int:

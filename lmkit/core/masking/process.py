@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from lmkit.core.trunk import head_nats
 from lmkit.errors import LmkitError
 
 ESTIMATORS = ("any_order", "time")
@@ -144,6 +144,5 @@ def masked_nats(model: torch.nn.Module, xt: Tensor, x0: Tensor, masked: Tensor,
               else model.forward_hidden(xt, cond, segments=segments))
     out = torch.zeros(x0.shape, device=x0.device, dtype=torch.float32)
     if masked.any():
-        logits = model.logits(hidden[masked])
-        out[masked] = F.cross_entropy(logits.float(), x0[masked], reduction="none")
+        out[masked] = head_nats(model, hidden[masked], x0[masked])
     return out
