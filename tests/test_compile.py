@@ -80,3 +80,38 @@ def test_without_a_compiler_training_warns_and_runs_eager(tiny_data, tmp_path, m
     with pytest.warns(UserWarning, match="train.compile is on but no C\\+\\+ compiler here"):
         summary = train_mod.train(cfg, open_data(tiny_data), tmp_path / "run")
     assert summary["steps"] == 2
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_trains_eager(tiny_data, tmp_path, monkeypatch):
+    """There lmkit's bf16 GEMMs run in float32 (kernels.linear), which inductor would undo."""
+    monkeypatch.setattr(train_mod, "compiler_missing", lambda device: None)
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(trunk, "emulated_bf16", lambda device: True)  # and forward_hidden agrees
+
+    def must_not_compile(self):
+        raise AssertionError("compile_training called for emulated bf16")
+
+    monkeypatch.setattr(Transformer, "compile_training", must_not_compile)
+    cfg = resolve_config(preset="tiny", flags={"train.steps": 2, "data.path": str(tiny_data),
+                                               "train.device": "cpu"},
+                         sets=["train.seq_len=32", "train.batch_tokens=256", "train.compile=true",
+                               "train.val_tokens=256", "train.dtype=bf16"])
+    with pytest.warns(UserWarning, match="train.compile is on but this CPU has no bf16"):
+        summary = train_mod.train(cfg, open_data(tiny_data), tmp_path / "run")
+    assert summary["steps"] == 2
+
+
+def test_compiled_blocks_step_aside_under_emulated_bf16(monkeypatch):
+    model = Transformer(tiny(), 50)
+    model.train()
+    model.compile_training()
+    compiled_calls = []
+    monkeypatch.setattr(trunk, "_compiled_block_call",
+                        lambda: lambda *a: compiled_calls.append(1) or a[0](*a[1:]))
+    idx = torch.randint(0, 50, (2, 8))
+    monkeypatch.setattr(trunk, "emulated_bf16", lambda device: True)
+    model.forward_hidden(idx)
+    assert compiled_calls == []
+    monkeypatch.setattr(trunk, "emulated_bf16", lambda device: False)
+    model.forward_hidden(idx)
+    assert len(compiled_calls) == len(model.blocks)

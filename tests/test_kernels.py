@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmkit.core.kernels import apply_rotary, relu2, rms_norm, softcap_nats
+from lmkit.core import kernels
+from lmkit.core.kernels import apply_rotary, linear, relu2, rms_norm, softcap_nats
 
 
 def _plain_rotary(x, cos, sin):
@@ -107,3 +108,35 @@ def test_softcap_nats_of_no_rows_is_empty() -> None:
     assert out.shape == (0,)
     out.sum().backward()
     assert u.grad.shape == (0, 5)
+
+
+def test_linear_under_cpu_bf16_autocast_is_a_bf16_gemm_with_float32_sums(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without bf16 instructions ``linear`` runs a float32 GEMM on bf16-rounded operands: the
+    value of a bf16 GEMM with float32 accumulation, rounded to bf16, as autocast returns."""
+    monkeypatch.setattr(kernels, "_CPU_BF16_NATIVE", False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 48, generator=g, requires_grad=True)
+    w = torch.randn(32, 48, generator=g, requires_grad=True)
+    b = torch.randn(32, generator=g, requires_grad=True)
+    exact = (x.detach().bfloat16().double() @ w.detach().bfloat16().double().T
+             + b.detach().bfloat16().double())
+    grad = torch.randn(64, 32, generator=g)
+    outs = {}
+    for name, f in (("mine", linear), ("autocast", F.linear)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = f(x, w, b)
+        assert y.dtype == torch.bfloat16
+        outs[name] = (y, torch.autograd.grad(y, (x, w, b), grad.bfloat16()))
+    y, grads = outs["mine"]
+    one_ulp = exact.abs() * 2.0 ** -7  # one bf16 step at each value's scale
+    assert ((y.double() - exact).abs() <= one_ulp).all()
+    assert (y.double() == exact.bfloat16().double()).float().mean() > 0.98
+    for mine, theirs in zip(grads, outs["autocast"][1], strict=True):
+        assert mine.dtype == theirs.dtype == torch.float32
+        torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))  # fp32: plain F.linear
+    monkeypatch.setattr(kernels, "_CPU_BF16_NATIVE", True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))  # native bf16: autocast's own

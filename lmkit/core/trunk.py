@@ -29,7 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmkit.core.kernels import apply_rotary, relu2, rms_norm, softcap_nats
+from lmkit.core.kernels import (
+    apply_rotary,
+    emulated_bf16,
+    linear,
+    relu2,
+    rms_norm,
+    softcap_nats,
+)
 from lmkit.errors import LmkitError
 
 
@@ -99,9 +106,17 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def zero_linear(d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
+class Linear(nn.Linear):
+    """``nn.Linear`` through :func:`~lmkit.core.kernels.linear` (the same parameters and state
+    dict; bf16 autocast on a CPU without bf16 instructions takes a float32 GEMM)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def zero_linear(d_in: int, d_out: int, bias: bool = False) -> Linear:
     """A Linear that starts at zero, so the branch it closes starts switched off."""
-    layer = nn.Linear(d_in, d_out, bias=bias)
+    layer = Linear(d_in, d_out, bias=bias)
     nn.init.zeros_(layer.weight)
     if bias:
         nn.init.zeros_(layer.bias)
@@ -171,9 +186,9 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
         self.head_dim = d // cfg.n_head
         self.causal, self.qk_norm = cfg.causal, cfg.qk_norm
-        self.q = nn.Linear(d, d, bias=False)
-        self.k = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
-        self.v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.q = Linear(d, d, bias=False)
+        self.k = Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.v = Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.proj = zero_linear(d, d)
         if cfg.q_gain_init:
             self.q_gain = nn.Parameter(torch.full((cfg.n_head,), float(cfg.q_gain_init)))
@@ -214,7 +229,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = int(cfg.mlp_mult * cfg.d_model)
         self.activation = cfg.activation
-        self.fc = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.fc = Linear(cfg.d_model, hidden, bias=False)
         self.proj = zero_linear(hidden, cfg.d_model)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -270,8 +285,8 @@ class TimeEmbedding(nn.Module):
         half = cond_dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)
-        self.fc1 = nn.Linear(2 * half, 4 * cond_dim)
-        self.fc2 = nn.Linear(4 * cond_dim, cond_dim)
+        self.fc1 = Linear(2 * half, 4 * cond_dim)
+        self.fc2 = Linear(4 * cond_dim, cond_dim)
 
     def forward(self, cond: Tensor) -> Tensor:
         args = cond.float()[:, None] * self.freqs[None, :]
@@ -356,7 +371,8 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(start + idx.size(1))
         cos, sin = cos[start:], sin[start:]
         compiled = (_compiled_block_call() if self.compiled_training and self.training
-                    and torch.is_grad_enabled() and cache is None else None)
+                    and torch.is_grad_enabled() and cache is None
+                    and not emulated_bf16(idx.device) else None)
 
         def run(block: Block, i: int, x: Tensor) -> Tensor:
             if compiled is not None:  # no layer index: an int argument would recompile per layer
@@ -384,8 +400,8 @@ class Transformer(nn.Module):
         """
         cap = self.cfg.logit_softcap
         if not cap:
-            return F.linear(h, self._head_weight()).float()
-        return cap * torch.tanh(F.linear(h, self._head_weight() * (1.0 / cap)).float())
+            return linear(h, self._head_weight()).float()
+        return cap * torch.tanh(linear(h, self._head_weight() * (1.0 / cap)).float())
 
     def token_nats(self, h: Tensor, targets: Tensor) -> Tensor:
         """−log p(target) in nats (float32, the shape of ``targets``) from hidden states
@@ -398,7 +414,7 @@ class Transformer(nn.Module):
         cap = self.cfg.logit_softcap
         flat = targets.reshape(-1)
         if cap and h.requires_grad and torch.is_grad_enabled():
-            u = F.linear(h, self._head_weight() * (2.0 / cap)).float()
+            u = linear(h, self._head_weight() * (2.0 / cap)).float()
             nats = softcap_nats(u.reshape(flat.numel(), u.size(-1)), flat, cap)
         else:
             logits = self.logits(h)
@@ -418,7 +434,9 @@ class Transformer(nn.Module):
         """Run the blocks ``torch.compile``-d in training steps (``train.compile``), for every
         objective, whether it calls ``forward`` or ``forward_hidden``. Evaluation, decoding and
         anything under no_grad stay eager: their shapes vary, and recompiling would cost more
-        than it saves. The module itself is unchanged (state dict, copies, checkpoints)."""
+        than it saves; so do steps under bf16 autocast on a CPU without bf16 instructions
+        (:func:`~lmkit.core.kernels.linear`). The module itself is unchanged (state dict,
+        copies, checkpoints)."""
         self.compiled_training = True
 
     def new_cache(self, max_len: int) -> KVCache:
