@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmkit.core.bench import train as bench_train_mod
 from lmkit.core.bench.reference import BaselineGPT, PlainGPT, model_flops_per_token
 from lmkit.core.bench.train import bench_train
 from lmkit.core.build import new_model
@@ -74,6 +75,18 @@ def test_bench_train_rows_and_ratios(tiny_data) -> None:
         mfu = r["model_flops_s"] / peak["median"]  # shown only where it can be true
         assert r["mfu"] == (mfu if mfu <= 1 else None)
     assert rows["lmkit"]["lmkit_over_this_tok_s"] == 1.0
+    assert result["bf16_note"] is None  # fp32 only: nothing to explain
+
+
+def test_bench_train_explains_bf16_on_a_cpu_without_bf16(tiny_data, monkeypatch) -> None:
+    monkeypatch.setattr(bench_train_mod, "cpu_has_native_bf16", lambda: False)
+    result = bench_train(preset="tiny", steps=1, rounds=1, warmup=0, precisions=("bf16",),
+                         data_path=str(tiny_data), device="cpu")
+    assert "float32 GEMM" in result["bf16_note"]
+    monkeypatch.setattr(bench_train_mod, "cpu_has_native_bf16", lambda: True)
+    result = bench_train(preset="tiny", steps=1, rounds=1, warmup=0, precisions=("bf16",),
+                         data_path=str(tiny_data), device="cpu")
+    assert result["bf16_note"] is None
 
 
 @pytest.mark.slow

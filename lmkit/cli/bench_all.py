@@ -47,6 +47,8 @@ def print_train_table(result: dict[str, Any]) -> None:
     for p, ratios in result["flops_s_ratios"].items():
         output.print(f"model FLOP/s ratios, {p}: "
                      + ", ".join(f"{pair} {r:.2f}×" for pair, r in ratios.items()))
+    if result.get("bf16_note"):
+        output.print(f"bf16: {result['bf16_note']}")
 
 
 @click.command("all")

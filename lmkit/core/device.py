@@ -43,7 +43,8 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX; Linux /proc/cpuinfo flags).
 
     Without them bf16 autocast is emulated and far slower than fp32 (0.05x on an AVX2 AMD EPYC,
-    `lmkit bench train`); with them it was ~3x faster on an AVX-512 machine.
+    `lmkit bench train`; lmkit's trunk 0.5x, its GEMMs in float32, see kernels.linear); with
+    them it was ~3x faster on an AVX-512 machine.
     """
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:

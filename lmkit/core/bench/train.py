@@ -24,7 +24,7 @@ from lmkit.core.bench.reference import BaselineGPT, PlainGPT, model_flops_per_to
 from lmkit.core.build import batch_geometry, build
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_for_training
-from lmkit.core.device import autocast, synchronize
+from lmkit.core.device import autocast, cpu_has_native_bf16, synchronize
 from lmkit.core.optim import adamw, build_optimizers
 from lmkit.core.perf import matmul_flops
 from lmkit.core.train import train_step, trusted_mfu
@@ -37,6 +37,13 @@ DESCRIPTIONS = {
     "reference_a": "plain parameter-golf baseline GPT (same architecture)",
     "reference_b": "plain GPT-2 style (LayerNorm, GELU MLP 4x, learned positions)",
 }
+
+
+_EMULATED_BF16_NOTE = (
+    "this CPU has no bf16 instructions: lmkit's trunk computes each bf16 GEMM as a float32 GEMM "
+    "of the bf16-rounded operands (the same value as a bf16 GEMM with float32 sums; its compiled "
+    "blocks run eager there), the references take PyTorch's emulated bf16 GEMM, so the bf16 "
+    "ratios measure that choice rather than lmkit's overhead; fp32 is faster than either here")
 
 
 def _reference_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any,
@@ -204,6 +211,8 @@ def bench_train(
         "bf16_over_fp32": ({name: statistics.median(tok_s[("bf16", name)])
                             / statistics.median(tok_s[("fp32", name)]) for name in names}
                            if {"fp32", "bf16"} <= set(precisions) else None),
+        "bf16_note": (_EMULATED_BF16_NOTE if "bf16" in precisions and dev.type == "cpu"
+                      and not cpu_has_native_bf16() else None),
         "mfu_note": "model FLOPs/s (6 x matmul params + attention, per token; each model its "
                     "own) over the median square-matmul FLOP/s measured once per round at the "
                     "same precision (null where that ratio is above 1: the square matmul ran "
