@@ -1,5 +1,6 @@
-"""Elementwise pieces of the trunk with hand-written backward passes.
+"""Pieces of the trunk computed faster than PyTorch's default path, with the same values.
 
+:func:`linear` routes bf16 GEMMs around PyTorch's emulation on CPUs without bf16 instructions.
 Autograd differentiates RoPE, ReLU², (on CPU) RMSNorm and the soft-capped head's cross-entropy op
 by op, one pass over the activations per op; these compute the same values (bit for bit for
 ReLU², to float rounding for the others) in fewer passes, which is most of a CPU training step

@@ -13,7 +13,7 @@ def keep_freed_memory() -> bool:
     By default a freed block above glibc's mmap threshold (which grows to 32 MiB at most) is
     unmapped, and the next step's tensor of the same size faults its pages in again: ~30,000
     page faults and 0.08-0.12 s of kernel time per ``small`` training step on a 2-core CPU,
-    against ~300 faults and 0.006 s with this (``getrusage`` over six steps, same process).
+    against ~1,100 faults and 0.01 s with this (``getrusage`` over six steps).
     :func:`release_memory` still returns the pages between phases. The CLI calls it once per
     process; True when glibc took both settings (False, and nothing changed, without glibc).
     """
