@@ -78,15 +78,14 @@ def test_bench_train_rows_and_ratios(tiny_data) -> None:
     assert result["bf16_note"] is None  # fp32 only: nothing to explain
 
 
-def test_bench_train_explains_bf16_on_a_cpu_without_bf16(tiny_data, monkeypatch) -> None:
+def test_bench_train_explains_bf16_on_a_cpu_without_bf16(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(bench_train_mod, "cpu_has_native_bf16", lambda: False)
-    result = bench_train(preset="tiny", steps=1, rounds=1, warmup=0, precisions=("bf16",),
-                         data_path=str(tiny_data), device="cpu")
-    assert "float32 GEMM" in result["bf16_note"]
+    assert "float32 GEMM" in bench_train_mod.bf16_note(cpu, ("fp32", "bf16"))
+    assert bench_train_mod.bf16_note(cpu, ("fp32",)) is None
+    assert bench_train_mod.bf16_note(cuda, ("bf16",)) is None
     monkeypatch.setattr(bench_train_mod, "cpu_has_native_bf16", lambda: True)
-    result = bench_train(preset="tiny", steps=1, rounds=1, warmup=0, precisions=("bf16",),
-                         data_path=str(tiny_data), device="cpu")
-    assert result["bf16_note"] is None
+    assert bench_train_mod.bf16_note(cpu, ("bf16",)) is None
 
 
 @pytest.mark.slow

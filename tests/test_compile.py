@@ -82,6 +82,7 @@ def test_without_a_compiler_training_warns_and_runs_eager(tiny_data, tmp_path, m
     assert summary["steps"] == 2
 
 
+@pytest.mark.slow  # emulated bf16 steps: seconds, not milliseconds
 def test_bf16_on_a_cpu_without_bf16_instructions_trains_eager(tiny_data, tmp_path, monkeypatch):
     """There lmkit's bf16 GEMMs run in float32 (kernels.linear), which inductor would undo."""
     monkeypatch.setattr(train_mod, "compiler_missing", lambda device: None)

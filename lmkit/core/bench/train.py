@@ -46,6 +46,12 @@ _EMULATED_BF16_NOTE = (
     "ratios measure that choice rather than lmkit's overhead; fp32 is faster than either here")
 
 
+def bf16_note(device: torch.device, precisions: tuple[str, ...]) -> str | None:
+    """What the bf16 rows measure where that needs saying (a CPU without bf16 instructions)."""
+    emulated = device.type == "cpu" and not cpu_has_native_bf16()
+    return _EMULATED_BF16_NOTE if "bf16" in precisions and emulated else None
+
+
 def _reference_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any,
                     device: torch.device, ctx: Callable[[], Any]) -> None:
     """The plain script's step: forward to a loss, backward, AdamW step, zero the grads."""
@@ -211,8 +217,7 @@ def bench_train(
         "bf16_over_fp32": ({name: statistics.median(tok_s[("bf16", name)])
                             / statistics.median(tok_s[("fp32", name)]) for name in names}
                            if {"fp32", "bf16"} <= set(precisions) else None),
-        "bf16_note": (_EMULATED_BF16_NOTE if "bf16" in precisions and dev.type == "cpu"
-                      and not cpu_has_native_bf16() else None),
+        "bf16_note": bf16_note(dev, precisions),
         "mfu_note": "model FLOPs/s (6 x matmul params + attention, per token; each model its "
                     "own) over the median square-matmul FLOP/s measured once per round at the "
                     "same precision (null where that ratio is above 1: the square matmul ran "
