@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmkit.core import device as device_mod
 from lmkit.core.bench import train as bench_train_mod
 from lmkit.core.bench.reference import BaselineGPT, PlainGPT, model_flops_per_token
 from lmkit.core.bench.train import bench_train
@@ -80,11 +81,11 @@ def test_bench_train_rows_and_ratios(tiny_data) -> None:
 
 def test_bench_train_explains_bf16_on_a_cpu_without_bf16(monkeypatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(bench_train_mod, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
     assert "float32 GEMM" in bench_train_mod.bf16_note(cpu, ("fp32", "bf16"))
     assert bench_train_mod.bf16_note(cpu, ("fp32",)) is None
     assert bench_train_mod.bf16_note(cuda, ("bf16",)) is None
-    monkeypatch.setattr(bench_train_mod, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
     assert bench_train_mod.bf16_note(cpu, ("bf16",)) is None
 
 

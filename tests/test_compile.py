@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmkit.core import device as device_mod
 from lmkit.core import train as train_mod
 from lmkit.core import trunk
 from lmkit.core.config import resolve_config
@@ -86,7 +87,7 @@ def test_without_a_compiler_training_warns_and_runs_eager(tiny_data, tmp_path, m
 def test_bf16_on_a_cpu_without_bf16_instructions_trains_eager(tiny_data, tmp_path, monkeypatch):
     """There lmkit's bf16 GEMMs run in float32 (kernels.linear), which inductor would undo."""
     monkeypatch.setattr(train_mod, "compiler_missing", lambda device: None)
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(trunk, "emulated_bf16", lambda device: True)  # and forward_hidden agrees
 
     def must_not_compile(self):

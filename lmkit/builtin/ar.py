@@ -13,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lmkit.builtin.ar_documents import document_isolated_nll
 from lmkit.core.bpb import Metric
 from lmkit.core.contexts import NON_OVERLAPPING, sliding
-from lmkit.core.trunk import ModelConfig, Transformer
+from lmkit.core.trunk import ModelConfig, Transformer, logits_nats
 from lmkit.errors import LmkitError
 from lmkit.protocols import Batch, EvalContext, LossOutput, TokenSpec
 
@@ -38,10 +37,7 @@ def token_nats(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tens
     """Per-position negative log-likelihood in nats (float32), shape of ``targets``."""
     if isinstance(model, Transformer):  # the head and the loss in one
         return model.token_nats(model.forward_hidden(inputs), targets)
-    logits = model(inputs)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), reduction="none"
-    ).view_as(targets)
+    return logits_nats(model(inputs), targets)
 
 
 class ARObjective:

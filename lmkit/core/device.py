@@ -57,6 +57,11 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def cpu_emulates_bf16(device: torch.device) -> bool:
+    """``device`` is a CPU without bf16 instructions: bf16 there is PyTorch's emulation."""
+    return device.type == "cpu" and not cpu_has_native_bf16()
+
+
 def resolve_dtype(name: str, device: torch.device) -> str:
     """``auto``: bf16 autocast where the device computes bf16 natively (a GPU that supports it,
     a CPU with AVX512-BF16/AMX), fp32 elsewhere. ``lmkit bench train`` measures both."""

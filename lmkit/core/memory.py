@@ -7,6 +7,14 @@ import ctypes
 import gc
 
 
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None where there is none (macOS, musl)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Let glibc keep freed blocks for reuse instead of handing each large one back at once.
 
@@ -17,9 +25,8 @@ def keep_freed_memory() -> bool:
     :func:`release_memory` still returns the pages between phases. The CLI calls it once per
     process; True when glibc took both settings (False, and nothing changed, without glibc).
     """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     took_mmap = any(mallopt(m_mmap_threshold, size) for size in (1 << 30, 32 << 20))
@@ -34,7 +41,6 @@ def release_memory() -> None:
     them. A no-op where there is no glibc.
     """
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)

@@ -39,7 +39,7 @@ from lmkit.core.build import Setup, batch_geometry, build, check_declared
 from lmkit.core.checkpoint import load_checkpoint, read_ema, save_checkpoint
 from lmkit.core.config import RunConfig
 from lmkit.core.data import DataSource, RotatingLoader, load_val_tokens
-from lmkit.core.device import compiler_missing, cpu_has_native_bf16, to_device
+from lmkit.core.device import compiler_missing, cpu_emulates_bf16, to_device
 from lmkit.core.ema import WeightEMA, ema_weights
 from lmkit.core.evaluate import run_evaluation
 from lmkit.core.loggers import Loggers, open_run_loggers
@@ -308,8 +308,8 @@ def _train(cfg: RunConfig, data: DataSource, run_dir: Path, *, resume: bool, res
 
     if t.compile:
         missing = compiler_missing(device)
-        if missing is None and setup.precision == "bf16" and device.type == "cpu" \
-                and not cpu_has_native_bf16():  # see kernels.linear
+        if missing is None and setup.precision == "bf16" and cpu_emulates_bf16(device):
+            # see kernels.linear
             missing = ("this CPU has no bf16 instructions (lmkit's bf16 GEMMs run in float32 "
                        "there; compiled blocks would turn them back into slower bf16 ones)")
         if missing is None:

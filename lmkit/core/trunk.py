@@ -412,15 +412,12 @@ class Transformer(nn.Module):
         kept for the backward instead of two); otherwise ``F.cross_entropy`` of :meth:`logits`.
         """
         cap = self.cfg.logit_softcap
-        flat = targets.reshape(-1)
         if cap and h.requires_grad and torch.is_grad_enabled():
+            flat = targets.reshape(-1)
             u = linear(h, self._head_weight() * (2.0 / cap)).float()
             nats = softcap_nats(u.reshape(flat.numel(), u.size(-1)), flat, cap)
-        else:
-            logits = self.logits(h)
-            nats = F.cross_entropy(logits.reshape(flat.numel(), logits.size(-1)), flat,
-                                   reduction="none")
-        return nats.view(targets.shape)
+            return nats.view(targets.shape)
+        return logits_nats(self.logits(h), targets)
 
     def _head_weight(self) -> Tensor:
         """The output matrix's rows for the real vocabulary (the tied embedding or the head)."""
@@ -502,9 +499,14 @@ def head_nats(model: nn.Module, h: Tensor, targets: Tensor) -> Tensor:
     stand-in, say) the cross-entropy of ``model.logits(h)``."""
     if isinstance(model, Transformer):
         return model.token_nats(h, targets)
-    logits = model.logits(h).float()
+    return logits_nats(model.logits(h), targets)
+
+
+def logits_nats(logits: Tensor, targets: Tensor) -> Tensor:
+    """``F.cross_entropy`` per position of logits [..., vocab] (taken as float32), shaped like
+    ``targets``."""
     flat = targets.reshape(-1)
-    return F.cross_entropy(logits.reshape(flat.numel(), logits.size(-1)), flat,
+    return F.cross_entropy(logits.float().reshape(flat.numel(), logits.size(-1)), flat,
                            reduction="none").view(targets.shape)
 
 

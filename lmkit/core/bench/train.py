@@ -24,7 +24,7 @@ from lmkit.core.bench.reference import BaselineGPT, PlainGPT, model_flops_per_to
 from lmkit.core.build import batch_geometry, build
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_for_training
-from lmkit.core.device import autocast, cpu_has_native_bf16, synchronize
+from lmkit.core.device import autocast, cpu_emulates_bf16, synchronize
 from lmkit.core.optim import adamw, build_optimizers
 from lmkit.core.perf import matmul_flops
 from lmkit.core.train import train_step, trusted_mfu
@@ -48,8 +48,7 @@ _EMULATED_BF16_NOTE = (
 
 def bf16_note(device: torch.device, precisions: tuple[str, ...]) -> str | None:
     """What the bf16 rows measure where that needs saying (a CPU without bf16 instructions)."""
-    emulated = device.type == "cpu" and not cpu_has_native_bf16()
-    return _EMULATED_BF16_NOTE if "bf16" in precisions and emulated else None
+    return _EMULATED_BF16_NOTE if "bf16" in precisions and cpu_emulates_bf16(device) else None
 
 
 def _reference_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any,
