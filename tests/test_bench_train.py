@@ -92,6 +92,7 @@ def test_bench_train_explains_bf16_on_a_cpu_without_bf16(monkeypatch) -> None:
 @pytest.mark.slow
 def test_bench_all_summary_follows_from_its_rows() -> None:
     from lmkit.core.bench.all import bench_all
+    from lmkit.core.memory import peak_rss_bytes
 
     result = bench_all(preset="tiny", rounds=1, batch_tokens=512, train_steps=2,
                        eval_tokens=2048, length=16)
@@ -106,3 +107,4 @@ def test_bench_all_summary_follows_from_its_rows() -> None:
         by["ar (kv cache)"] / by["ar (no cache)"]
     assert "ddpm_cache over ddpm tokens/s" in s
     assert all(ar["identical_tokens"].values())
+    assert 50e6 < result["peak_rss_bytes"] <= peak_rss_bytes()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from lmkit.cli import main
 from lmkit.core import registry as registry_mod
+from lmkit.core.compare import cost_line
+from lmkit.core.memory import peak_rss_bytes
 from lmkit.core.registry import Registry
 from lmkit.core.runs import read_metrics
 from tests.test_registry import make_objective, plugin_module
@@ -34,10 +37,18 @@ def compare_args(data, out, objectives="ar,mdlm,maskrecon", *extra):
 
 
 def test_compare_json_md_png_and_determinism(tiny_data, tmp_path, capsys):
+    t0 = time.perf_counter()
     code, out, err = run_cli(compare_args(tiny_data, tmp_path / "a", "ar,mdlm,maskrecon",
                                           "--json"), capsys)
+    elapsed = time.perf_counter() - t0
     assert code == 0, err
     result = json.loads(out)
+    # what it cost: its own wall clock (within the call's) and this process's peak memory
+    cost = result["cost"]
+    assert 0 < cost["wall_seconds"] <= elapsed + 0.1
+    assert 50e6 < cost["peak_rss_bytes"] <= peak_rss_bytes()
+    assert json.loads((tmp_path / "a" / "compare.json").read_text())["cost"] == cost
+    assert cost_line(cost) in (tmp_path / "a" / "report.md").read_text()
     rows = {r["objective"]: r for r in result["rows"]}
     assert list(rows) == ["ar", "mdlm", "maskrecon"]
     kinds = {r["objective"]: {m["name"]: m["kind"] for m in r["metrics"]} for r in result["rows"]}

@@ -3,12 +3,14 @@ the pages freed by the step before instead of faulting them all in again."""
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+from pathlib import Path
 
 import pytest
 
-from lmkit.core.memory import keep_freed_memory, release_memory
+from lmkit.core.memory import keep_freed_memory, peak_rss_bytes, release_memory
 
 
 @pytest.mark.slow
@@ -38,3 +40,22 @@ def test_training_steps_reuse_freed_pages() -> None:
     # blocks kept for reuse ~1,000
     assert faults < 8000
     release_memory()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc")
+def test_peak_rss_is_the_kernels_high_water_mark() -> None:
+    """``peak_rss_bytes`` (getrusage) against the kernel's VmHWM in /proc, before and after a
+    buffer that lifts the resident set 64 MB above its old peak."""
+
+    def status_bytes(field: str) -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines()
+                    if x.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+
+    before = peak_rss_bytes()
+    assert abs(before - status_bytes("VmHWM")) <= 4 << 20
+    lift = before - status_bytes("VmRSS") + (64 << 20)
+    buffer = bytearray(os.urandom(1)) * lift  # every page written, so resident
+    assert peak_rss_bytes() >= before + (56 << 20)
+    assert abs(peak_rss_bytes() - status_bytes("VmHWM")) <= 4 << 20
+    del buffer

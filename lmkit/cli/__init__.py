@@ -369,24 +369,24 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
         eval_opts=parse_opts(opts))
     display = CompareDisplay(quiet=quiet or fmt is not None)
     try:
-        out, entries, files = core.run_comparison(
+        out, entries, files, cost = core.run_comparison(
             request, observer=display, log=None if quiet or fmt else console.print)
     finally:
         display.close()
     if fmt == "json":
-        emit_json({**core.to_json(entries, {"comparison": str(Path(out).resolve())},
+        emit_json({**core.to_json(entries, {"comparison": str(out), "cost": cost},
                                   baseline=baseline),
                    "files": {k: str(v) if v else None for k, v in files.items()}})
     elif fmt == "md":
-        click.echo(core.to_markdown(entries, baseline=baseline), nl=False)
+        click.echo(core.to_markdown(entries, baseline=baseline, cost=cost), nl=False)
     elif fmt == "csv":
         click.echo(core.to_csv(entries), nl=False)
     else:
         for table in compare_tables(entries, baseline=baseline):
             output.print(table)
         png = files["png"] or "(no PNG: install matplotlib, e.g. pip install 'lmkit[plot]')"
-        output.print(f"report: {files['report']}\njson:   {files['json']}\n"
-                     f"csv:    {files['csv']}\nplot:   {png}")
+        output.print(f"{core.cost_line(cost)}\nreport: {files['report']}\n"
+                     f"json:   {files['json']}\ncsv:    {files['csv']}\nplot:   {png}")
 
 
 # -- plugins -----------------------------------------------------------------------------------

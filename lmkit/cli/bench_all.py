@@ -85,4 +85,5 @@ def bench_all_command(preset: str, rounds: int, batch_tokens: int, device: str,
                          f"{row['tokens_per_s']:,.0f} tokens/s, NFE {row['nfe']}")
     for key, value in result["summary"].items():
         output.print(f"{key}: {value:,.2f}")
-    output.print(f"wall clock: {result['wall_seconds']:.0f}s")
+    output.print(f"wall clock: {result['wall_seconds']:.0f}s, peak resident memory "
+                 f"{result['peak_rss_bytes'] / 1e6:,.0f} MB")

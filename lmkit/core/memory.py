@@ -1,10 +1,13 @@
-"""The process's memory policy on glibc: keep freed blocks while training, hand them back
-between phases. Torch-free, so the CLI can set it before anything is imported."""
+"""The process's memory policy on glibc (keep freed blocks while training, hand them back
+between phases) and its peak resident memory. Torch-free, so the CLI can set the policy before
+anything is imported."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import resource
+import sys
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -44,3 +47,10 @@ def release_memory() -> None:
     malloc_trim = getattr(_libc(), "malloc_trim", None)
     if malloc_trim is not None:
         malloc_trim(0)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far, in bytes (``getrusage``'s ``ru_maxrss``: KiB on
+    Linux, bytes on macOS); the figure ``/usr/bin/time -v`` reports as its maximum resident set."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024

@@ -21,6 +21,7 @@ from lmkit.core.bench.sample import bench_sample
 from lmkit.core.bench.train import bench_train
 from lmkit.core.config import resolve_config
 from lmkit.core.data import open_for_training
+from lmkit.core.memory import peak_rss_bytes
 from lmkit.core.train import train
 
 
@@ -37,7 +38,8 @@ def bench_all(*, preset: str = "small", rounds: int = 3, batch_tokens: int = 204
               device: str = "auto", log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the three benches; ``summary`` holds lmkit's ratios to the references (model
     FLOP/s), evaluation over training tokens/s, KV-cached over uncached AR sampling and
-    ``ddpm_cache`` over ``ddpm``, each computed from the rows beside it."""
+    ``ddpm_cache`` over ``ddpm``, each computed from the rows beside it. ``wall_seconds`` and
+    ``peak_rss_bytes`` (this process's peak resident set) are what the whole bench cost."""
     t0 = time.perf_counter()
     say = log or (lambda _: None)
     say("train bench: lmkit against the references, fp32 and bf16 …")
@@ -74,6 +76,7 @@ def bench_all(*, preset: str = "small", rounds: int = 3, batch_tokens: int = 204
                 summary[f"{fast['label']} over {slow['label']} tokens/s"] = \
                     fast["tokens_per_s"] / slow["tokens_per_s"]
     return {"benchmark": "all", "preset": preset, "wall_seconds": time.perf_counter() - t0,
+            "peak_rss_bytes": peak_rss_bytes(),
             "summary": summary, "train": train_result, "eval": eval_result,
             "train_run": {k: run[k] for k in ("steps", "tokens", "seconds", "tok_s")},
             "sample": sample_result}

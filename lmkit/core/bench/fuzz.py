@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import signal
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lmkit.core.memory import peak_rss_bytes
 from lmkit.errors import LmkitError
 
 # -- mutators ----------------------------------------------------------------------------------
@@ -279,11 +279,6 @@ def cases(seed: int = 0) -> dict[str, Callable[[random.Random, Path], None]]:
     }
 
 
-def peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
-
-
 def fuzz(examples: int, timeout: float = 5.0, seed: int = 0, only: list[str] | None = None,
          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every reader over ``examples`` inputs; one row of counts per reader."""
@@ -313,7 +308,7 @@ def fuzz(examples: int, timeout: float = 5.0, seed: int = 0, only: list[str] | N
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
         row = {"reader": name, "inputs": examples, "tracebacks": tracebacks, "hangs": hangs,
-               "peak_rss_mb": round(peak_rss_mb(), 1),
+               "peak_rss_mb": round(peak_rss_bytes() / (1 << 20), 1),
                "seconds": round(time.perf_counter() - started, 1)}
         rows.append(row)
         log(f"{name:14s} inputs {examples:>7,}  tracebacks {tracebacks:>4}  hangs {hangs:>3}  "

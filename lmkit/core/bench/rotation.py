@@ -12,7 +12,6 @@ records every shard it reads, so the pass is checked to read each shard exactly 
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 
 from lmkit.core import jsonfile
 from lmkit.core.data.shards import write_shard
+from lmkit.core.memory import peak_rss_bytes
 from lmkit.errors import LmkitError
 
 
@@ -50,10 +50,7 @@ def _reset_peak() -> bool:
 def _rss_bytes(peak: bool) -> int:
     """Current (``peak=False``) or peak resident memory; without /proc, ru_maxrss (peak only)."""
     kb = _status_kb("VmHWM" if peak else "VmRSS")
-    if kb is not None:
-        return kb * 1024
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+    return peak_rss_bytes() if kb is None else kb * 1024
 
 
 def child_pass(shard_dir: str, group_size: int, batch_size: int, seq_len: int,

@@ -24,6 +24,7 @@ from lmkit.core.compare.entry import (  # noqa: F401
 )
 from lmkit.core.compare.pipeline import (  # noqa: F401
     CompareRequest,
+    Comparison,
     add_generation_columns,
     add_pack_columns,
     run_comparison,
@@ -31,6 +32,7 @@ from lmkit.core.compare.pipeline import (  # noqa: F401
 from lmkit.core.compare.report import (  # noqa: F401
     HEADLINE,
     cell,
+    cost_line,
     headline_cells,
     paired_lines,
     paired_rows,

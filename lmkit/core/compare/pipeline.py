@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lmkit.core import distributed
 from lmkit.core.compare.entry import CompareObserver, Entry
@@ -17,6 +18,7 @@ from lmkit.core.compare.training import (
     default_compare_dir,
     eval_options_for,
 )
+from lmkit.core.memory import peak_rss_bytes
 from lmkit.core.registry import get_objective
 from lmkit.errors import LmkitError
 
@@ -83,10 +85,21 @@ class CompareRequest:
     eval_opts: dict[str, Any] = field(default_factory=dict)
 
 
+class Comparison(NamedTuple):
+    """What :func:`run_comparison` made: its directory, its rows, the files it wrote and what it
+    cost (``wall_seconds`` from the call to the report, this process's ``peak_rss_bytes``)."""
+
+    out: Path
+    entries: list[Entry]
+    files: dict[str, Path | None]
+    cost: dict[str, Any]
+
+
 def run_comparison(request: CompareRequest, observer: CompareObserver | None = None,
-                   log: Callable[[str], None] | None = None
-                   ) -> tuple[Path, list[Entry], dict[str, Path | None]]:
-    """The whole ``lmkit compare`` pipeline: (comparison directory, entries, files written)."""
+                   log: Callable[[str], None] | None = None) -> Comparison:
+    """The whole ``lmkit compare`` pipeline: training or loading, evaluation, the optional pack
+    and generation columns, the report."""
+    t0 = time.perf_counter()
     r = request
     if bool(r.run_dirs) == bool(r.objectives):
         raise LmkitError("give either RUN_DIRs to compare or --objectives a,b,c to train")
@@ -124,6 +137,9 @@ def run_comparison(request: CompareRequest, observer: CompareObserver | None = N
     resolve_baseline(entries, r.baseline)  # a baseline not among RUN_DIRs fails before writing
     sanity_check(entries)
     out = Path(out).resolve()
+    cost = {"wall_seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_bytes": peak_rss_bytes()}
     files = distributed.broadcast_object(distributed.on_main(  # rank 0 writes, all return it
-        lambda: write_report(out, entries, {"comparison": str(out)}, baseline=r.baseline)))
-    return out, entries, files
+        lambda: write_report(out, entries, {"comparison": str(out)}, baseline=r.baseline,
+                             cost=cost)))
+    return Comparison(out, entries, files, cost)

@@ -161,8 +161,16 @@ def headline_cells(e: Entry) -> list[str]:
 HEADLINE = ["objective", "params", "tokens trained", "train time", "tok/s"]
 
 
+def cost_line(cost: dict[str, Any]) -> str:
+    """What a comparison cost, in words: its wall clock and its peak resident memory."""
+    minutes, seconds = divmod(round(cost["wall_seconds"]), 60)
+    return (f"The comparison took {minutes} min {seconds:02d} s (wall clock, from the start of "
+            f"training or loading to the report) and peaked at "
+            f"{cost['peak_rss_bytes'] / 1e6:,.0f} MB of resident memory.")
+
+
 def to_markdown(entries: list[Entry], title: str = "lmkit compare",
-                baseline: str | None = None) -> str:
+                baseline: str | None = None, cost: dict[str, Any] | None = None) -> str:
     """The comparison as markdown (report.md): one row per run, then the across-seed tables."""
     label_entries(entries)
     columns = metric_columns(entries)
@@ -182,6 +190,8 @@ def to_markdown(entries: list[Entry], title: str = "lmkit compare",
         lines.append(f"* Every metric is scored over {first['tokens']:,} validation tokens "
                      f"({first['bytes']:,} bytes) unless its JSON `tokens` says otherwise.")
     lines.append(f"* Budget: {budget_basis(comparison_budget(entries))}.")
+    if cost:
+        lines.append(f"* {cost_line(cost)}")
     lines += seed_figure_lines(entries)
     lines += seed_lines(entries, baseline)
     lines += paired_lines(paired_rows(entries))
@@ -248,12 +258,16 @@ def plot_curves(entries: list[Entry], path: Path) -> Path | None:
 
 
 def write_report(out: Path, entries: list[Entry], extra: dict[str, Any] | None = None,
-                 baseline: str | None = None) -> dict[str, Path | None]:
-    """report.md, compare.json, compare.csv and val_bpb.png (when matplotlib is installed)."""
+                 baseline: str | None = None, cost: dict[str, Any] | None = None
+                 ) -> dict[str, Path | None]:
+    """report.md, compare.json, compare.csv and val_bpb.png (when matplotlib is installed);
+    ``cost`` (:func:`cost_line`) goes into the first two."""
     out.mkdir(parents=True, exist_ok=True)
     label_entries(entries)
+    if cost:
+        extra = {**(extra or {}), "cost": cost}
     png = plot_curves(entries, out / "val_bpb.png")
-    md = to_markdown(entries, baseline=baseline)
+    md = to_markdown(entries, baseline=baseline, cost=cost)
     if png is not None:
         md += f"\n![validation bpb against tokens seen]({png.name})\n"
     atomic.write_text(out / "report.md", md)
