@@ -74,6 +74,19 @@ def test_rms_norm_matches_torch(layout, dtype) -> None:
     assert mine.dtype == dtype and torch.isfinite(mine).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_eps_is_torchs_for_half_precision_inputs(dtype) -> None:
+    """Rows whose mean square is near bf16's own eps (2^-7): F.rms_norm's eps there is
+    float32's, and the training path (which evaluation follows with F.rms_norm) must agree to
+    one rounding of the result, not differ by the eps (10 % on these rows)."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(6, 64, generator=g) * torch.logspace(-3, 0, 6)[:, None]).to(dtype)
+    mine = rms_norm(x.clone().requires_grad_())
+    ref = _torch_rms(x)
+    step = torch.finfo(dtype).eps  # one unit in the last place at magnitude 1
+    assert (mine.detach().float() - ref.float()).abs().max() <= 2 * step * ref.float().abs().max()
+
+
 def test_rms_norm_without_grad_is_torchs() -> None:
     x = torch.randn(4, 8)
     with torch.no_grad():

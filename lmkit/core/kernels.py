@@ -131,12 +131,14 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    """RMSNorm over the last dimension without a gain, ``eps = finfo(dtype).eps`` like
-    ``F.rms_norm``. CUDA (and inference) use PyTorch's fused kernel; CPU training uses
-    :class:`_RMSNorm` (a ``small`` training step 1.04x faster, interleaved A/B)."""
+    """RMSNorm over the last dimension without a gain, with ``F.rms_norm``'s default eps: that
+    of the dtype it computes in (float32 for bf16 and fp16 inputs, not bf16's own 2^-7, which
+    would normalise small rows differently in training than in evaluation). CUDA (and
+    inference) use PyTorch's kernel; CPU training uses :class:`_RMSNorm` (a ``small`` training
+    step 1.04x faster, interleaved A/B)."""
     if x.is_cuda or not (x.requires_grad and torch.is_grad_enabled()):
         return F.rms_norm(x, (x.size(-1),))
-    return _RMSNorm.apply(x, torch.finfo(x.dtype).eps)
+    return _RMSNorm.apply(x, torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps)
 
 
 class _SoftcapNats(torch.autograd.Function):
