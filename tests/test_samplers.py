@@ -407,3 +407,26 @@ def test_eval_gen_keeps_the_generation_metrics_in_eval_json(ar_run, mdlm_run, ca
     assert result["protocol"]["generation"]["judge"] == str(ar_run.resolve())
     kept = [json.loads(p.read_text()) for p in (mdlm_run / "evals").glob("*.json")]
     assert result in kept
+
+
+def test_eval_gen_passes_sampler_options(ar_run, mdlm_run, capsys):
+    """`--sampler-opt` reaches the --gen sampler (the figures are those of the same request
+    made directly), is kept in the protocol, and fails in one line when it cannot apply."""
+    from tests.test_compare import run_cli
+
+    base = ["eval", str(mdlm_run), "--max-tokens", "512", "--opt", "samples=2", "--opt",
+            "steps=", "--opt", "chain_k=0", "--gen", "--judge", str(ar_run), "--num", "2",
+            "--length", "8", "--sampler", "ddpm", "--json"]
+    code, out, err = run_cli([*base, "--sampler-opt", "remask=0.5"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["protocol"]["generation"]["options"] == {"remask": "0.5"}
+    direct = generation_metrics(mdlm_run, ar_run, "ddpm", num=2, length=8, seed=0,
+                                device="cpu", options={"remask": 0.5})
+    plain = generation_metrics(mdlm_run, ar_run, "ddpm", num=2, length=8, seed=0, device="cpu")
+    got = next(m for m in result["metrics"] if m["name"] == "gen_ppl")["value"]
+    assert got == direct[0].value != plain[0].value
+    code, _, err = run_cli([*base, "--sampler-opt", "no_such_option=1"], capsys)
+    assert code != 0 and "no_such_option" in err and "Traceback" not in err
+    code, _, err = run_cli(["eval", str(mdlm_run), "--sampler-opt", "remask=0.5"], capsys)
+    assert code != 0 and "add --gen" in err

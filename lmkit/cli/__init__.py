@@ -254,10 +254,13 @@ def train(objective, data_dir, tokenizer, preset, steps, tokens, seconds, seed, 
               help="For --gen: tokens per sample [default: 128, at most the context].")
 @click.option("--steps", type=bounded(1, MAX_SAMPLER_STEPS),
               help="For --gen: denoising steps T of diffusion samplers [default: --length].")
+@click.option("--sampler-opt", "sampler_opts", multiple=True, metavar="KEY=VALUE",
+              help="For --gen: a sampler option (repeatable), as `lmkit sample --opt` takes it, "
+                   "e.g. remask=0.02 (ddpm); `lmkit samplers` lists them.")
 @click.option("--details", is_flag=True, help="Show every detail of each metric in the table.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (see docs).")
 def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_size, seed, gen,
-             judge_dir, sampler, num, length, steps, details, as_json) -> None:
+             judge_dir, sampler, num, length, steps, sampler_opts, details, as_json) -> None:
     """Score a run's checkpoint (or an `lmkit export` folder, or a packed ARTIFACT file) on
     validation data in bits per byte.
 
@@ -270,7 +273,11 @@ def eval_cmd(run_dir, max_tokens, stride, opts, data_dir, device, dtype, batch_s
     if gen and judge_dir is None:
         raise LmkitError("--gen needs --judge AR_RUN: an AR run trained with the same tokenizer "
                          "scores the samples")
+    if sampler_opts and not gen:
+        raise LmkitError("--sampler-opt sets an option of the --gen sampler: add --gen")
     generation = dict(sampler=sampler, num=num, length=length, steps=steps) if gen else None
+    if sampler_opts:
+        generation["options"] = parse_opts(sampler_opts, "--sampler-opt")
     with console.status("evaluating…", spinner="dots") if not as_json else nullcontext():
         result = evaluate_target(run_dir, device=device, judge=judge_dir, generation=generation,
                                  max_tokens=max_tokens, options=objective_options(opts, stride),

@@ -94,13 +94,14 @@ def scoring_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def parse_opts(opts: tuple[str, ...] | list[str]) -> dict[str, str]:
-    """The one ``--opt key=value`` parser (objective and sampler options alike)."""
+def parse_opts(opts: tuple[str, ...] | list[str], flag: str = "--opt") -> dict[str, str]:
+    """The one ``--opt key=value`` parser (objective and sampler options alike); ``flag`` names
+    the option in the error."""
     options: dict[str, str] = {}
     for item in opts:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise LmkitError(f"--opt {item!r}: expected key=value, e.g. --opt samples=8")
+            raise LmkitError(f"{flag} {item!r}: expected key=value, e.g. {flag} samples=8")
         options[key.strip()] = value.strip()
     return options
 
