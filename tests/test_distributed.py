@@ -62,6 +62,34 @@ def test_single_process_is_the_identity():
     assert distributed.main_only(log, "append") is log  # rank 0 keeps its writers
 
 
+@pytest.mark.parametrize(("name", "args"), [
+    ("pack", ["RUN"]), ("sample", ["RUN"]), ("export", ["RUN", "OUT"]), ("record", ["RUN"]),
+    ("data prepare", []), ("bench train", []), ("bench all", [])])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_single_process_commands_refuse_several_ranks(name, args, rank, monkeypatch, tmp_path,
+                                                      capsys):
+    """Under a 2-rank torchrun the commands that do not split their work refuse before they
+    read or write anything: rank 0 says why in one line, rank 1 exits quietly, both with 1."""
+    from lmkit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "session", contextlib.nullcontext)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([*name.split(), *(str(tmp_path / a) for a in args)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert err.count("Error:") == 1 and f"`lmkit {name}` runs in one process" in err
+        assert "without torchrun" in err
+    else:
+        assert err == ""
+    assert list(tmp_path.iterdir()) == []  # nothing read (the paths do not exist), nothing written
+
+
 def test_accumulation_keeps_the_global_batch():
     assert [distributed.split_accum(8, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
     with pytest.raises(LmkitError, match="cannot be split evenly over 3 ranks"):
@@ -410,3 +438,18 @@ def test_compare_under_torchrun(tiny_data, tmp_path):
         got = {m["name"]: m["value"] for m in entry["metrics"]}
         for m in single["metrics"]:
             assert got[m["name"]] == pytest.approx(m["value"], rel=1e-12, abs=0)
+
+
+@pytest.mark.slow
+def test_pack_refuses_a_real_two_rank_torchrun(tmp_path):
+    """The refusal through torchrun itself: one error line in all, exit status 1, no file."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = lmkit_argv(["pack", str(tmp_path / "run")], 2,
+                      ["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                       "--rdzv-endpoint", f"localhost:{free_port()}"])
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("Error: `lmkit pack` runs in one process, and torchrun started 2") \
+        == 1, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

@@ -31,6 +31,7 @@ from lmkit.cli.options import (
     objective_options,
     parse_opts,
     scoring_options,
+    single_process,
 )
 from lmkit.core.memory import keep_freed_memory
 from lmkit.errors import LmkitError
@@ -88,6 +89,7 @@ def data_prepare(corpus: str, tokenizer: Path | None, vocab_size: int, out: Path
     and whitespace collapsing). A validation document whose hash also occurs in training is
     refused (see --allow-overlap); duplicates are not removed.
     """
+    single_process("data prepare")
     from lmkit.core.data import prepare
 
     manifest = prepare(corpus, out=out, tokenizer=tokenizer, vocab_size=vocab_size,
@@ -501,8 +503,10 @@ def presets(as_json: bool) -> None:
 
 # -- bench -------------------------------------------------------------------------------------
 @cli.group()
-def bench() -> None:
+@click.pass_context
+def bench(ctx: click.Context) -> None:
     """Speed benchmarks, measured side by side in one process."""
+    single_process(f"bench {ctx.invoked_subcommand}")
 
 
 @bench.command("train")

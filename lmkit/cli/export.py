@@ -8,7 +8,12 @@ from pathlib import Path
 import click
 
 from lmkit.cli.display import console, emit_json, metrics_table, output
-from lmkit.cli.options import estimator_seed_option, objective_options, scoring_options
+from lmkit.cli.options import (
+    estimator_seed_option,
+    objective_options,
+    scoring_options,
+    single_process,
+)
 
 
 @click.command("export")
@@ -42,6 +47,7 @@ def export_command(source, out, max_tokens, stride, opts, data_dir, device, dtyp
       lmkit export runs/ar-small/artifact.int6-gptq.lzma exports/ar-small-int6
       lmkit export runs/ar-small exports/ar-small --push me/lmkit-ar-small
     """
+    single_process("export")
     from lmkit.core.export import export_model, push_folder
 
     with console.status("exporting…", spinner="dots") if not as_json else nullcontext():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,12 @@ def calib_tokens_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--calib-tokens", type=Count(min=1), default=DEFAULT_CALIB_TOKENS, show_default=True,
         help="Training tokens for GPTQ's Hessians (training shards, never validation).")(command)
+
+
+def single_process(command: str) -> None:
+    """Refuse ``command`` under a multi-rank torchrun (one line from rank 0): it does not split
+    its work over ranks, so N copies would each write the same files. Torch-free otherwise."""
+    if "WORLD_SIZE" in os.environ:
+        from lmkit.core import distributed
+
+        distributed.require_single_process(command)

@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 
 from lmkit.cli.display import console, emit_json, metric_cell, output
-from lmkit.cli.options import Count, calib_tokens_option, objective_options, scoring_options
+from lmkit.cli.options import (
+    Count,
+    calib_tokens_option,
+    objective_options,
+    scoring_options,
+    single_process,
+)
 from lmkit.core.defaults import DEFAULT_CAP_BYTES
 
 
@@ -35,6 +41,7 @@ def pack_command(run_dir, bits, method, cap_bytes, compression, calib_tokens, ma
     `metrics` are those of the dequantized model read back from the file (same contract as
     `lmkit eval`), next to `metrics_before` and the `penalty` (after − before).
     """
+    single_process("pack")
     from lmkit.core.pack import pack_run
 
     result = pack_run(run_dir, bits=int(bits), method=method, cap_bytes=cap_bytes,

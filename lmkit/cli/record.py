@@ -15,6 +15,7 @@ from lmkit.cli.options import (
     calib_tokens_option,
     objective_options,
     parse_opts,
+    single_process,
 )
 from lmkit.core.defaults import DEFAULT_CAP_BYTES
 from lmkit.errors import LmkitError
@@ -80,6 +81,7 @@ def record_command(run_dirs, out, check_dir, name, track, author, github_id, dat
       lmkit record runs/ar-s1 runs/ar-s2 runs/ar-s3 --out sub --author "Ada" --github-id ada
       lmkit record --check sub/records/track_non_record_16mb/2026-12-01_lmkit_ar_small
     """
+    single_process("record")
     if check_dir is not None:
         if run_dirs:
             raise LmkitError("--check DIR re-validates a folder; pass no run directories")

@@ -16,6 +16,7 @@ from lmkit.cli.options import (
     Finite,
     bounded,
     parse_opts,
+    single_process,
 )
 
 
@@ -58,6 +59,7 @@ def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperatu
     --seed. NFE counts the model's forward passes per batch. A BOS inside a sample (a new
     document) is shown as a blank line.
     """
+    single_process("sample")
     from lmkit.core.generate import sample_run
 
     kwargs = dict(num=num, length=length, steps=steps, seed=seed, prompt=prompt,

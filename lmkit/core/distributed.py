@@ -141,6 +141,21 @@ def on_main(fn: Callable[[], T]) -> T | None:
     return result
 
 
+RANK_AWARE = ("train", "eval", "compare")  # the commands that split their work over ranks
+
+
+def require_single_process(command: str) -> None:
+    """Refuse, before anything is read or written, a command that does not split its work over
+    ranks when torchrun started several: N copies would each write the same files. Rank 0
+    says so in one line; the other ranks exit quietly (:class:`MainRankError`)."""
+    if not active():
+        return
+    message = (f"`lmkit {command}` runs in one process, and torchrun started {world_size()}: "
+               f"run it without torchrun (only {', '.join(RANK_AWARE)} split their work over "
+               "ranks)")
+    raise LmkitError(message) if is_main() else MainRankError(message)
+
+
 class _MainOnly:
     """A proxy whose named methods do nothing on ranks other than 0."""
 
