@@ -71,7 +71,10 @@ def test_single_process_commands_refuse_several_ranks(name, args, rank, monkeypa
     """Under a 2-rank torchrun the commands that do not split their work refuse before they
     read or write anything: rank 0 says why in one line, rank 1 exits quietly, both with 1."""
     from lmkit.cli import main
+    from lmkit.cli.display import console, output
 
+    for printer in (console, output):  # rank 1 silences them: restored after the test
+        monkeypatch.setattr(printer, "quiet", printer.quiet)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(distributed, "session", contextlib.nullcontext)
     monkeypatch.setattr(distributed, "active", lambda: True)
