@@ -85,5 +85,6 @@ def bench_all_command(preset: str, rounds: int, batch_tokens: int, device: str,
                          f"{row['tokens_per_s']:,.0f} tokens/s, NFE {row['nfe']}")
     for key, value in result["summary"].items():
         output.print(f"{key}: {value:,.2f}")
-    output.print(f"wall clock: {result['wall_seconds']:.0f}s, peak resident memory "
-                 f"{result['peak_rss_bytes'] / 1e6:,.0f} MB")
+    peak = result["peak_rss_bytes"]
+    output.print(f"wall clock: {result['wall_seconds']:.0f}s"
+                 + (f", peak resident memory {peak / 1e6:,.0f} MB" if peak is not None else ""))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import resource
 import sys
 
 
@@ -49,8 +48,13 @@ def release_memory() -> None:
         malloc_trim(0)
 
 
-def peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int | None:
     """This process's peak resident set so far, in bytes (``getrusage``'s ``ru_maxrss``: KiB on
-    Linux, bytes on macOS); the figure ``/usr/bin/time -v`` reports as its maximum resident set."""
+    Linux, bytes on macOS; the figure ``/usr/bin/time -v`` reports as its maximum resident set);
+    None where there is no ``getrusage`` (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024

@@ -307,8 +307,9 @@ def fuzz(examples: int, timeout: float = 5.0, seed: int = 0, only: list[str] | N
                     first = first or "".join(traceback.format_exc().splitlines(True)[-8:])
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
+        peak = peak_rss_bytes()  # never None here: setitimer (the timeouts) means Unix
         row = {"reader": name, "inputs": examples, "tracebacks": tracebacks, "hangs": hangs,
-               "peak_rss_mb": round(peak_rss_bytes() / (1 << 20), 1),
+               "peak_rss_mb": round(peak / (1 << 20), 1),
                "seconds": round(time.perf_counter() - started, 1)}
         rows.append(row)
         log(f"{name:14s} inputs {examples:>7,}  tracebacks {tracebacks:>4}  hangs {hangs:>3}  "

@@ -164,9 +164,11 @@ HEADLINE = ["objective", "params", "tokens trained", "train time", "tok/s"]
 def cost_line(cost: dict[str, Any]) -> str:
     """What a comparison cost, in words: its wall clock and its peak resident memory."""
     minutes, seconds = divmod(round(cost["wall_seconds"]), 60)
+    peak = cost.get("peak_rss_bytes")
+    memory = (f"peaked at {peak / 1e6:,.0f} MB of resident memory" if peak is not None
+              else "its peak memory is not measurable on this platform")
     return (f"The comparison took {minutes} min {seconds:02d} s (wall clock, from the start of "
-            f"training or loading to the report) and peaked at "
-            f"{cost['peak_rss_bytes'] / 1e6:,.0f} MB of resident memory.")
+            f"training or loading to the report) and {memory}.")
 
 
 def to_markdown(entries: list[Entry], title: str = "lmkit compare",
