@@ -62,7 +62,7 @@ class TrainConfig:
     ckpt_seconds: float = 120.0   # also checkpoint this long (wall clock) after the last (0 = off)
     seed: int = 1337
     device: str = "auto"          # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"           # auto (bf16 autocast where supported) | bf16 | fp32
+    dtype: str = "auto"           # auto (bf16 autocast on CUDA, fp32 on CPUs) | bf16 | fp32
     compile: bool = False         # training runs the blocks torch.compile-d (eager w/o compiler)
     prime_steps: int = 0          # untimed steps first (compilation), then weights etc. restored
     ema: float = 0.0              # decay of an fp32 EMA of the weights, used by eval/pack (0 = off)
