@@ -106,5 +106,7 @@ def test_bench_all_summary_follows_from_its_rows() -> None:
     assert s["ar (kv cache) over ar (no cache) tokens/s"] == \
         by["ar (kv cache)"] / by["ar (no cache)"]
     assert "ddpm_cache over ddpm tokens/s" in s
+    lengths = {g["objective"]: (g["length"], g["steps"]) for g in result["sample"]["groups"]}
+    assert lengths == {"ar": (16, None), "mdlm": (8, 8)}  # masked samplers: half the length
     assert all(ar["identical_tokens"].values())
     assert 50e6 < result["peak_rss_bytes"] <= peak_rss_bytes()
