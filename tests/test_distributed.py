@@ -93,6 +93,33 @@ def test_single_process_commands_refuse_several_ranks(name, args, rank, monkeypa
     assert list(tmp_path.iterdir()) == []  # nothing read (the paths do not exist), nothing written
 
 
+@pytest.mark.parametrize("name", ["bench train", "bench all", "pack", "sample"])
+def test_help_answers_under_several_ranks(name, monkeypatch, capsys):
+    """``--help`` of a single-process command is parsed before the refusal: it still answers
+    under torchrun (the bench group used to refuse before its subcommand saw ``--help``)."""
+    from lmkit.cli import main
+    from lmkit.cli.display import console, output
+
+    for printer in (console, output):
+        monkeypatch.setattr(printer, "quiet", printer.quiet)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "session", contextlib.nullcontext)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    main([*name.split(), "--help"])  # returns: no refusal, no exit status 1
+    assert f"Usage: lmkit {name} [OPTIONS]" in capsys.readouterr().out
+
+
+def test_a_torchrun_environment_without_its_rendezvous_is_one_clear_error(monkeypatch):
+    """WORLD_SIZE set by hand (no MASTER_ADDR): the project's error, not a traceback."""
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(LmkitError, match="could not join torchrun's process group"):
+        with distributed.session({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}):
+            pass
+
+
 def test_accumulation_keeps_the_global_batch():
     assert [distributed.split_accum(8, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
     with pytest.raises(LmkitError, match="cannot be split evenly over 3 ranks"):

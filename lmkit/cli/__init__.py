@@ -26,6 +26,7 @@ from lmkit.cli.options import (
     MAX_SEED,
     Count,
     Finite,
+    SingleProcessGroup,
     bounded,
     estimator_seed_option,
     objective_options,
@@ -502,11 +503,9 @@ def presets(as_json: bool) -> None:
 
 
 # -- bench -------------------------------------------------------------------------------------
-@cli.group()
-@click.pass_context
-def bench(ctx: click.Context) -> None:
+@cli.group(cls=SingleProcessGroup)
+def bench() -> None:
     """Speed benchmarks, measured side by side in one process."""
-    single_process(f"bench {ctx.invoked_subcommand}")
 
 
 @bench.command("train")

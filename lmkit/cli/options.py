@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -135,3 +136,19 @@ def single_process(command: str) -> None:
         from lmkit.core import distributed
 
         distributed.require_single_process(command)
+
+
+class SingleProcessGroup(click.Group):
+    """A command group whose every subcommand is :func:`single_process`: the check runs once
+    the subcommand's arguments are parsed, so ``--help`` still answers under torchrun."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        callback = cmd.callback
+        if callback is not None:
+            @functools.wraps(callback)
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                single_process(f"{self.name} {cmd.name}")
+                return callback(*args, **kwargs)
+
+            cmd.callback = guarded
+        super().add_command(cmd, name)

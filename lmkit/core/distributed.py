@@ -74,7 +74,13 @@ def session(environ: Mapping[str, str] | None = None) -> Iterator[LaunchEnv | No
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend(), rank=env.rank, world_size=env.world_size)
+    try:
+        dist.init_process_group(backend(), rank=env.rank, world_size=env.world_size)
+    except (ValueError, RuntimeError) as exc:  # e.g. WORLD_SIZE set by hand, no MASTER_ADDR
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LmkitError(f"could not join torchrun's process group (WORLD_SIZE="
+                         f"{env.world_size}, RANK={env.rank}): {reason}; start lmkit with "
+                         "torchrun, or unset WORLD_SIZE to run in one process") from None
     try:
         yield env
     finally:
