@@ -277,6 +277,66 @@ def test_collectives_and_split_muon_across_two_ranks(tmp_path):
     assert res[0]["shard"] == [0, 1] and res[1]["shard"] == [2, 3, 4]
 
 
+def _pack_worker(rank: int, init_file: str, run_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from lmkit.core import pack
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        calls = []
+        write = pack.quantize_and_write
+
+        def counted(*args, **kwargs):
+            calls.append(rank)
+            return write(*args, **kwargs)
+
+        pack.quantize_and_write = counted
+        result = pack.pack_run(run_dir, device="cpu", out=Path(out_dir) / "artifact.bin",
+                               method="rtn", max_tokens=1024)
+        Path(out_dir, f"{rank}.json").write_text(json.dumps({"quantized": calls, **result}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_pack_under_two_ranks_writes_once_and_scores_in_shares(tiny_data, tmp_path):
+    """`lmkit compare --pack` under torchrun: rank 0 alone quantizes and writes the artifact
+    (and pack.json); both ranks score it, each its share, to one process's figures."""
+    import torch.multiprocessing as mp
+
+    from lmkit.core.config import resolve_config
+    from lmkit.core.data import open_data
+    from lmkit.core.pack import PACK_FILE, pack_run
+    from lmkit.core.train import train
+
+    run_dir = tmp_path / "run"
+    cfg = resolve_config(preset="tiny", flags={"train.steps": 4, "data.path": str(tiny_data)},
+                         sets=FAST)
+    train(cfg, open_data(tiny_data), run_dir)
+    torch.set_num_threads(1)  # each rank's thread count (float32 results depend on it)
+    single = pack_run(run_dir, device="cpu", out=tmp_path / "single.bin", method="rtn",
+                      max_tokens=1024)
+    (run_dir / PACK_FILE).unlink()
+    method = "fork" if sys.platform == "linux" else "spawn"
+    mp.start_processes(_pack_worker, args=(str(tmp_path / "init"), str(run_dir), str(tmp_path)),
+                       nprocs=2, start_method=method)
+    res = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert res[0]["quantized"] == [0] and res[1]["quantized"] == []
+    assert (tmp_path / "artifact.bin").read_bytes() == (tmp_path / "single.bin").read_bytes()
+    assert json.loads((run_dir / PACK_FILE).read_text())["artifact_bytes"] \
+        == single["artifact_bytes"]
+    for r in res:
+        assert r["artifact_bytes"] == single["artifact_bytes"]
+        for key in ("metrics", "metrics_before"):
+            got = {m["name"]: m for m in r[key]}
+            for m in single[key]:
+                assert (got[m["name"]]["tokens"], got[m["name"]]["bytes"]) \
+                    == (m["tokens"], m["bytes"])
+                assert got[m["name"]]["value"] == pytest.approx(m["value"], rel=1e-12, abs=0)
+
+
 # -- torchrun end to end (slow) -------------------------------------------------------------------
 FAST = ["train.seq_len=32", "train.batch_tokens=256", "train.micro_batch=2", "train.log_every=1",
         "train.val_tokens=512", "train.dtype=fp32", "train.ckpt_seconds=0", "train.warmup_steps=2"]
@@ -453,15 +513,21 @@ def test_two_nodes_over_loopback_rendezvous(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_compare_under_torchrun(tiny_data, tmp_path):
+    """Both ranks train and score; rank 0 alone packs and samples (--pack, --gen), and every
+    figure is one process's."""
     out = tmp_path / "cmp"
     sets = [a for s in FAST for a in ("--set", s)]
     run_lmkit(["compare", "--objectives", "ar,mdlm", "--preset", "tiny", "--steps", "4",
-               "--data", str(tiny_data), "--max-tokens", "1024", "--out", str(out), *sets],
-              nproc=2)
+               "--data", str(tiny_data), "--max-tokens", "1024", "--out", str(out), "--pack",
+               "--gen", *sets], nproc=2)
     report = json.loads((out / "compare.json").read_text())
     assert [row["objective"] for row in report["rows"]] == ["ar", "mdlm"]
     for entry in report["rows"]:
         run_dir = Path(entry["run"])
+        assert {"gen_ppl", "gen_entropy"} <= {m["name"] for m in entry["metrics"]}
+        packed = json.loads((run_dir / "pack.json").read_text())
+        assert entry["pack"]["artifact_bytes"] == packed["artifact_bytes"] \
+            == Path(packed["artifact"]).stat().st_size
         assert json.loads((run_dir / "run.json").read_text())["distributed"]["world_size"] == 2
         # one process, one thread like each rank (float32 results depend on the thread count)
         single = json.loads(run_lmkit(["eval", str(run_dir), "--max-tokens", "1024", "--json"]))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lmkit import __version__
-from lmkit.core import atomic, runs
+from lmkit.core import atomic, distributed, runs
 from lmkit.core.artifact import COMPRESSIONS, load_artifact
 from lmkit.core.capfit import fit_to_cap
 from lmkit.core.defaults import DEFAULT_CALIB_TOKENS, DEFAULT_CAP_BYTES
@@ -204,8 +204,12 @@ def pack_run(run_dir: str | Path, *, device: str = "auto", out: str | Path | Non
         raise LmkitError(f"{run_dir} is an `lmkit export` folder; pack the run it was exported "
                          f"from ({run.export['exported_from'].get('run')})")
     path = Path(out) if out else run.path / recipe.file_name
-    # Quantize first: a cap that cannot be met fails before minutes of evaluation.
-    facts = quantize_and_write(run, path, recipe, data_dir=scoring.get("data_dir"), log=log)
+    # Quantize first: a cap that cannot be met fails before minutes of evaluation. Under
+    # torchrun (`lmkit compare --pack`) rank 0 writes the artifact and every rank then scores
+    # its share of it: the broadcast is the barrier before anyone reads the file.
+    facts = distributed.broadcast_object(distributed.on_main(
+        lambda: quantize_and_write(run, path, recipe, data_dir=scoring.get("data_dir"),
+                                   log=log)))
     if log:
         log(f"wrote {path} ({facts['artifact_bytes']:,} bytes); evaluating the checkpoint and "
             "the round trip…")
@@ -218,5 +222,6 @@ def pack_run(run_dir: str | Path, *, device: str = "auto", out: str | Path | Non
         "metrics": after["metrics"], "metrics_before": before["metrics"],
         "penalty": penalty(before["metrics"], after["metrics"]),
     }
-    atomic.write_json(run.path / PACK_FILE, result)
+    if distributed.is_main():
+        atomic.write_json(run.path / PACK_FILE, result)
     return result

@@ -51,13 +51,22 @@ def add_generation_columns(entries: list[Entry], *, num: int = 8, length: int | 
     if not judges:
         raise LmkitError("--gen needs a judge in the comparison: an AR run (an objective with "
                          "exact next-token NLL, e.g. ar)")
-    for e in entries:  # with several seeds, each run is judged by the AR run of its seed
-        judge = next((j for j in judges if j.seed == e.seed), judges[0])
-        if log:
-            log(f"sampling {e.name} and scoring under the {judge.name} judge…")
-        e.eval = add_generation_metrics(e.eval, judge.run_dir, num=num, length=length,
-                                        steps=steps, seed=seed)
-        e.metrics = e.eval["metrics"]
+
+    def judged() -> list[dict[str, Any]]:
+        evals = []
+        for e in entries:  # with several seeds, each run is judged by the AR run of its seed
+            judge = next((j for j in judges if j.seed == e.seed), judges[0])
+            if log:
+                log(f"sampling {e.name} and scoring under the {judge.name} judge…")
+            evals.append(add_generation_metrics(e.eval, judge.run_dir, num=num, length=length,
+                                                steps=steps, seed=seed))
+        return evals
+
+    # no collective inside (the samples are not split over ranks): under torchrun rank 0
+    # samples and scores, and every rank gets its figures
+    for e, ev in zip(entries, distributed.broadcast_object(distributed.on_main(judged)),
+                     strict=True):
+        e.eval, e.metrics = ev, ev["metrics"]
 
 
 @dataclass
