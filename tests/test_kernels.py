@@ -41,6 +41,38 @@ def test_relu2_is_bitwise_autograds() -> None:
     assert torch.autograd.gradcheck(relu2, (h64,))
 
 
+def test_relu2_inplace_only_where_no_gradient_is_taken() -> None:
+    """In place under no_grad/inference (the same bits as autograd's path); where autograd
+    records, ``inplace`` is ignored and the input is left as it was."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(16, 40, generator=g)
+    plain = F.relu(h).square()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            work = h.clone()
+            out = relu2(work, inplace=True)
+        assert out.data_ptr() == work.data_ptr() and torch.equal(out, plain)
+    leaf = h.clone().requires_grad_()
+    out = relu2(leaf, inplace=True)
+    assert torch.equal(leaf.detach(), h) and torch.equal(out, plain) and out.requires_grad
+
+
+def test_inference_logits_are_the_recorded_paths_bits() -> None:
+    """The soft-capped head's in-place inference path returns exactly what the path autograd
+    records does: evaluation figures do not move."""
+    from lmkit.core.trunk import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=1, d_model=64, n_head=4, n_kv_head=2), 100, 0, 16)
+    torch.nn.init.normal_(model.embed.weight, std=0.5)
+    h = torch.randn(3, 16, 64, requires_grad=True)
+    recorded = model.logits(h)
+    assert recorded.requires_grad and recorded.abs().max() > 5  # the cap bends these
+    with torch.inference_mode():
+        inferred = model.logits(h.detach())
+    assert torch.equal(recorded.detach(), inferred)
+
+
 def _torch_rms(x):
     return F.rms_norm(x, (x.size(-1),))
 

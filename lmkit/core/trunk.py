@@ -33,6 +33,7 @@ from lmkit.core.kernels import (
     apply_rotary,
     emulated_bf16,
     linear,
+    recording,
     relu2,
     rms_norm,
     softcap_nats,
@@ -234,7 +235,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
-        h = relu2(h) if self.activation == "relu2" else F.gelu(h)
+        h = relu2(h, inplace=True) if self.activation == "relu2" else F.gelu(h)
         return self.proj(h)
 
 
@@ -401,7 +402,10 @@ class Transformer(nn.Module):
         cap = self.cfg.logit_softcap
         if not cap:
             return linear(h, self._head_weight()).float()
-        return cap * torch.tanh(linear(h, self._head_weight() * (1.0 / cap)).float())
+        z = linear(h, self._head_weight() * (1.0 / cap)).float()
+        if recording(z):
+            return cap * torch.tanh(z)
+        return z.tanh_().mul_(cap)  # inference: the same values, no [B, T, vocab] allocations
 
     def token_nats(self, h: Tensor, targets: Tensor) -> Tensor:
         """−log p(target) in nats (float32, the shape of ``targets``) from hidden states
