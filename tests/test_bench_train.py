@@ -92,6 +92,7 @@ def test_bench_train_explains_bf16_on_a_cpu_without_bf16(monkeypatch) -> None:
 @pytest.mark.slow
 def test_bench_all_summary_follows_from_its_rows() -> None:
     from lmkit.core.bench.all import bench_all
+    from lmkit.core.defaults import DEFAULT_NUM_SAMPLES
     from lmkit.core.memory import peak_rss_bytes
 
     result = bench_all(preset="tiny", rounds=1, batch_tokens=512, train_steps=2,
@@ -108,5 +109,6 @@ def test_bench_all_summary_follows_from_its_rows() -> None:
     assert "ddpm_cache over ddpm tokens/s" in s
     lengths = {g["objective"]: (g["length"], g["steps"]) for g in result["sample"]["groups"]}
     assert lengths == {"ar": (16, None), "mdlm": (8, 8)}  # masked samplers: half the length
+    assert {g["num"] for g in result["sample"]["groups"]} == {DEFAULT_NUM_SAMPLES}
     assert all(ar["identical_tokens"].values())
     assert 50e6 < result["peak_rss_bytes"] <= peak_rss_bytes()

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from lmkit.cli.display import console, emit_json, fmt_mfu, output
+from lmkit.core.defaults import DEFAULT_NUM_SAMPLES
 
 
 def print_train_table(result: dict[str, Any]) -> None:
@@ -57,9 +58,13 @@ def print_train_table(result: dict[str, Any]) -> None:
               help="Interleaved rounds of the training bench (one step each).")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Tokens per step of the training bench (the model keeps the preset's shape).")
+@click.option("--num", type=click.IntRange(min=1), default=DEFAULT_NUM_SAMPLES,
+              show_default=True,
+              help="Samples every sampler draws at once (`lmkit sample`'s default): the KV "
+                   "cache's gain grows with it.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_all_command(preset: str, rounds: int, batch_tokens: int, device: str,
+def bench_all_command(preset: str, rounds: int, batch_tokens: int, num: int, device: str,
                       as_json: bool) -> None:
     """Train, eval and sample benches in one process, with lmkit's ratios to the references.
 
@@ -71,8 +76,8 @@ def bench_all_command(preset: str, rounds: int, batch_tokens: int, device: str,
     """
     from lmkit.core.bench.all import bench_all
 
-    result = bench_all(preset=preset, rounds=rounds, batch_tokens=batch_tokens, device=device,
-                       log=None if as_json else console.print)
+    result = bench_all(preset=preset, rounds=rounds, batch_tokens=batch_tokens, num=num,
+                       device=device, log=None if as_json else console.print)
     if as_json:
         emit_json(result)
         return

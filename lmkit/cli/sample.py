@@ -18,13 +18,15 @@ from lmkit.cli.options import (
     parse_opts,
     single_process,
 )
+from lmkit.core.defaults import DEFAULT_NUM_SAMPLES
 
 
 @click.command("sample")
 @click.argument("run_dir", metavar="RUN_DIR|EXPORT|ARTIFACT", type=click.Path(path_type=Path))
 @click.option("--sampler", help="A registered sampler (see `lmkit samplers`) [default: the first "
                                 "that serves the run's objective: ar for AR, ddpm for masked].")
-@click.option("--num", type=bounded(1, MAX_SAMPLES), default=4, show_default=True,
+@click.option("--num", type=bounded(1, MAX_SAMPLES), default=DEFAULT_NUM_SAMPLES,
+              show_default=True,
               help="Number of samples.")
 @click.option("--length", type=bounded(1, MAX_LENGTH),
               help="Tokens to generate per sample [default: 128, at most the run's context].")
