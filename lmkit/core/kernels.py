@@ -145,7 +145,7 @@ def rms_norm(x: Tensor) -> Tensor:
     would normalise small rows differently in training than in evaluation). CUDA (and
     inference) use PyTorch's kernel; CPU training uses :class:`_RMSNorm` (a ``small`` training
     step 1.04x faster, interleaved A/B)."""
-    if x.is_cuda or not (x.requires_grad and torch.is_grad_enabled()):
+    if x.is_cuda or not recording(x):
         return F.rms_norm(x, (x.size(-1),))
     return _RMSNorm.apply(x, torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps)
 

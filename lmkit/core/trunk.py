@@ -416,7 +416,7 @@ class Transformer(nn.Module):
         kept for the backward instead of two); otherwise ``F.cross_entropy`` of :meth:`logits`.
         """
         cap = self.cfg.logit_softcap
-        if cap and h.requires_grad and torch.is_grad_enabled():
+        if cap and recording(h):
             flat = targets.reshape(-1)
             u = linear(h, self._head_weight() * (2.0 / cap)).float()
             nats = softcap_nats(u.reshape(flat.numel(), u.size(-1)), flat, cap)
