@@ -58,6 +58,7 @@ def test_single_process_is_the_identity():
     assert distributed.agree_step(1.25, False) == (1.25, False)
     assert distributed.broadcast_object({"x": 1}) == {"x": 1}
     assert distributed.on_main(lambda: 42) == 42
+    assert distributed.from_main(lambda: 43) == 43
     log: list[str] = []
     assert distributed.main_only(log, "append") is log  # rank 0 keeps its writers
 
@@ -231,6 +232,7 @@ def _collectives_worker(rank: int, init_file: str, out_dir: str) -> None:
         distributed.all_sum(rows)
         out["rows"] = rows.tolist()
         out["broadcast"] = distributed.broadcast_object(f"from {rank}")
+        out["from_main"] = distributed.from_main(lambda: f"ran on {rank}")
         try:
             distributed.on_main(lambda: (_ for _ in ()).throw(LmkitError("only rank 0 sees")))
         except LmkitError as exc:
@@ -270,6 +272,7 @@ def test_collectives_and_split_muon_across_two_ranks(tmp_path):
         assert r["agree"] == [3.0, True]  # rank 0's clock; rank 1's stop request
         assert r["rows"] == [1.5, 2.5, 3.5, 4.5]
         assert r["broadcast"] == "from 0"
+        assert r["from_main"] == "ran on 0"
     assert res[0]["on_main"] == ["LmkitError", "only rank 0 sees"]
     assert res[1]["on_main"] == ["MainRankError", "only rank 0 sees"]
     assert [res[0]["main"], res[1]["main"]] == [True, False]

@@ -147,6 +147,12 @@ def on_main(fn: Callable[[], T]) -> T | None:
     return result
 
 
+def from_main(fn: Callable[[], T]) -> T:
+    """:func:`on_main`, and rank 0's result on every rank (it must pickle): work one rank does
+    for all, e.g. writing a file the others then read (the broadcast is their barrier)."""
+    return broadcast_object(on_main(fn))
+
+
 RANK_AWARE = ("train", "eval", "compare")  # the commands that split their work over ranks
 
 

@@ -205,11 +205,10 @@ def pack_run(run_dir: str | Path, *, device: str = "auto", out: str | Path | Non
                          f"from ({run.export['exported_from'].get('run')})")
     path = Path(out) if out else run.path / recipe.file_name
     # Quantize first: a cap that cannot be met fails before minutes of evaluation. Under
-    # torchrun (`lmkit compare --pack`) rank 0 writes the artifact and every rank then scores
-    # its share of it: the broadcast is the barrier before anyone reads the file.
-    facts = distributed.broadcast_object(distributed.on_main(
-        lambda: quantize_and_write(run, path, recipe, data_dir=scoring.get("data_dir"),
-                                   log=log)))
+    # torchrun (`lmkit compare --pack`) rank 0 writes the artifact, then every rank scores its
+    # share of it.
+    facts = distributed.from_main(
+        lambda: quantize_and_write(run, path, recipe, data_dir=scoring.get("data_dir"), log=log))
     if log:
         log(f"wrote {path} ({facts['artifact_bytes']:,} bytes); evaluating the checkpoint and "
             "the round trip…")

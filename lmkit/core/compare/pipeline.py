@@ -64,8 +64,7 @@ def add_generation_columns(entries: list[Entry], *, num: int = 8, length: int | 
 
     # no collective inside (the samples are not split over ranks): under torchrun rank 0
     # samples and scores, and every rank gets its figures
-    for e, ev in zip(entries, distributed.broadcast_object(distributed.on_main(judged)),
-                     strict=True):
+    for e, ev in zip(entries, distributed.from_main(judged), strict=True):
         e.eval, e.metrics = ev, ev["metrics"]
 
 
@@ -148,7 +147,7 @@ def run_comparison(request: CompareRequest, observer: CompareObserver | None = N
     out = Path(out).resolve()
     cost = {"wall_seconds": round(time.perf_counter() - t0, 1),
             "peak_rss_bytes": peak_rss_bytes()}
-    files = distributed.broadcast_object(distributed.on_main(  # rank 0 writes, all return it
+    files = distributed.from_main(  # rank 0 writes, all return it
         lambda: write_report(out, entries, {"comparison": str(out)}, baseline=r.baseline,
-                             cost=cost)))
+                             cost=cost))
     return Comparison(out, entries, files, cost)
