@@ -112,3 +112,41 @@ def test_bench_all_summary_follows_from_its_rows() -> None:
     assert {g["num"] for g in result["sample"]["groups"]} == {DEFAULT_NUM_SAMPLES}
     assert all(ar["identical_tokens"].values())
     assert 50e6 < result["peak_rss_bytes"] <= peak_rss_bytes()
+
+
+def test_the_train_table_fits_80_columns_with_every_model_named(monkeypatch) -> None:
+    """The table a terminal shows: every model's full name (eager and compiled lmkit must not
+    both read 'lmkit…') and each row's ratio, at the width of a plain 80-column terminal."""
+    import io
+
+    from rich.console import Console
+
+    from lmkit.cli import bench_all as cli_bench
+
+    peak = {"median": 1.5e11, "min": 1.2e11, "max": 1.9e11}
+    rows = []
+    for name, params, tok_s, flops in (("lmkit", 2_101_776, 6415.0, 15.76e6),
+                                       ("reference_a", 2_101_776, 5690.0, 15.76e6),
+                                       ("reference_b", 3_487_488, 4862.0, 23.68e6),
+                                       ("lmkit_compiled", 2_101_776, 7113.0, 15.76e6)):
+        rows.append({"precision": "fp32", "model": name, "params": params, "tok_s": tok_s,
+                     "flops_per_token": flops, "model_flops_s": flops * tok_s,
+                     "mfu": flops * tok_s / peak["median"], "peak_flops": peak,
+                     "compile_seconds": 8.6 if name == "lmkit_compiled" else None})
+    for r in rows:
+        r["lmkit_over_this_flops_s"] = rows[0]["model_flops_s"] / r["model_flops_s"]
+    result = {"objective": "ar", "preset": "small", "device": "cpu", "tokens_per_step": 8192,
+              "rounds": 5, "rows": rows, "bf16_over_fp32": None, "bf16_note": None,
+              "sequences_per_forward": {"lmkit": 8, "references": 32},
+              "flops_s_ratios": {"fp32": {"lmkit_compiled/reference_b": 0.974}}}
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli_bench, "output", Console(file=buffer, width=80, soft_wrap=True))
+    cli_bench.print_train_table(result)
+    table = [line for line in buffer.getvalue().splitlines() if line.startswith(("┃", "│"))]
+    assert table and all(len(line) <= 80 for line in table)
+    assert not any("…" in line for line in table)
+    body = {line.split("│")[2].strip(): line for line in table if line.startswith("│")}
+    assert sorted(body) == sorted(r["model"] for r in rows)
+    assert "0.88×" in body["reference_b"] and "0.90×" in body["lmkit_compiled"]
+    assert "2.10M" in body["lmkit"] and "3.49M" in body["reference_b"]
+    assert "lmkit_compiled/reference_b 0.97×" in buffer.getvalue()

@@ -117,3 +117,39 @@ def test_compiled_blocks_step_aside_under_emulated_bf16(monkeypatch):
     monkeypatch.setattr(trunk, "emulated_bf16", lambda device: False)
     model.forward_hidden(idx)
     assert len(compiled_calls) == len(model.blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compiler_missing(torch.device("cpu")) is not None,
+                    reason="torch.compile needs a C++ compiler on the CPU")
+def test_compiled_bf16_blocks_trace_the_chunked_attention(monkeypatch):
+    """bf16 training on a CPU with bf16 instructions: the compiled blocks trace the chunked
+    causal attention (kernels.causal_attention: batched GEMMs, no SDPA) and give eager's loss
+    and gradients to bf16's rounding."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    from lmkit.core import kernels
+
+    monkeypatch.setattr(kernels, "_CPU_BF16_NATIVE", True)  # as on such a CPU
+    torch.manual_seed(0)
+    eager = Transformer(tiny(), 50)
+    randomize(eager)
+    idx = torch.randint(0, 50, (3, 40))
+    eager.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_e, grads_e = _loss_and_grads(eager, idx, None)
+    recorder = EagerAndRecordGraphs()
+    for backend in (recorder, "inductor"):
+        torch._dynamo.reset()
+        call = torch.compile(lambda block, *args: block(*args), backend=backend)
+        monkeypatch.setattr(trunk, "_compiled_block_call", lambda call=call: call)
+        compiled = copy.deepcopy(eager)
+        compiled.compile_training()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_c, grads_c = _loss_and_grads(compiled, idx, None)
+        torch.testing.assert_close(loss_c, loss_e, rtol=2e-2, atol=2e-2)
+        for name in grads_e:
+            torch.testing.assert_close(grads_c[name].float(), grads_e[name].float(),
+                                       rtol=5e-2, atol=5e-2, msg=name)
+    code = "\n".join(g.print_readable(print_output=False) for g in recorder.graphs)
+    assert recorder.graphs and "baddbmm" in code and "scaled_dot_product" not in code

@@ -185,3 +185,103 @@ def test_linear_under_cpu_bf16_autocast_is_a_bf16_gemm_with_float32_sums(
     monkeypatch.setattr(kernels, "_CPU_BF16_NATIVE", True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(linear(x, w, b), F.linear(x, w, b))  # native bf16: autocast's own
+
+
+def _qkv(B, H, Hk, T, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, T, D, generator=g, dtype=dtype).requires_grad_()
+            for h in (H, Hk, Hk)]
+
+
+# GQA and plain MHA, a length that is no multiple of the 64-row blocks, one past 512 (128-row
+# blocks), a single block and two positions
+ATTENTION_SHAPES = [(2, 4, 2, 256, 16), (1, 3, 3, 100, 8), (1, 2, 1, 520, 8), (2, 2, 1, 40, 8),
+                    (1, 2, 2, 2, 4)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_chunked_causal_attention_is_exact_attention(shape) -> None:
+    """In float64 the chunked form is causal attention itself (forward and every gradient to
+    1e-10 of SDPA's math); gradcheck on a small case."""
+    q, k, v = _qkv(*shape, torch.float64)
+    grad = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    mine = kernels._ChunkedCausalAttention.apply(q, k, v)
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=k.size(1) != q.size(1))
+    torch.testing.assert_close(mine, plain, rtol=1e-10, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(mine, (q, k, v), grad),
+                    torch.autograd.grad(plain, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    small = _qkv(1, 2, 1, 7, 4, torch.float64, seed=3)
+    assert torch.autograd.gradcheck(kernels._ChunkedCausalAttention.apply, tuple(small))
+
+
+def test_chunked_causal_attention_in_bf16_is_as_close_as_sdpas() -> None:
+    """bf16 inputs: against a float64 reference, the chunked form's output and gradients are
+    within twice the error of SDPA's own bf16 kernel (plus one bf16 step), dtypes kept."""
+    q, k, v = _qkv(2, 4, 2, 192, 32, torch.bfloat16, seed=5)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).bfloat16()
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*exact, is_causal=True, enable_gqa=True)
+    want = [ref, *torch.autograd.grad(ref, exact, grad.double())]
+    results = {}
+    for name, fn in (("chunked", kernels._ChunkedCausalAttention.apply),
+                     ("sdpa", lambda *t: F.scaled_dot_product_attention(
+                         *t, is_causal=True, enable_gqa=True))):
+        y = fn(q, k, v)
+        results[name] = [y, *torch.autograd.grad(y, (q, k, v), grad)]
+    assert all(t.dtype == torch.bfloat16 for t in results["chunked"])
+    for mine, theirs, exact_t in zip(results["chunked"], results["sdpa"], want, strict=True):
+        err = (mine.double() - exact_t).abs().max().item()
+        sdpa_err = (theirs.double() - exact_t).abs().max().item()
+        assert err <= 2 * sdpa_err + exact_t.abs().max().item() * 2.0 ** -8
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_causal_attention_takes_the_chunked_path_only_for_native_cpu_bf16(
+        native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    chunked = kernels._ChunkedCausalAttention.apply
+    monkeypatch.setattr(kernels._ChunkedCausalAttention, "apply",
+                        lambda *a: calls.append(a[0].dtype) or chunked(*a))
+    monkeypatch.setattr(kernels, "_CPU_BF16_NATIVE", native)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = _qkv(1, 2, 1, 16, 8, dtype)
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                              is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(kernels.causal_attention(q, k, v).double(), want,
+                                   rtol=2e-2, atol=2e-2)
+    q, k, v = _qkv(1, 2, 1, 1, 8, torch.bfloat16)
+    kernels.causal_attention(q, k, v)  # one position (a decoding step): SDPA
+    assert calls == ([torch.bfloat16] if native else [])
+
+
+def test_the_trunk_attends_through_the_chunked_path_where_it_applies(monkeypatch) -> None:
+    """Under CPU bf16 autocast with bf16 instructions, every causal block of a forward takes
+    the chunked path, with logits as close to SDPA's as bf16 allows; packed documents (a mask)
+    and single-token decoding steps stay on SDPA."""
+    from lmkit.core.trunk import Transformer
+    from tests.test_trunk import randomize, tiny
+
+    calls = []
+    chunked = kernels._ChunkedCausalAttention.apply
+    monkeypatch.setattr(kernels._ChunkedCausalAttention, "apply",
+                        lambda *a: calls.append(a[0].shape[2]) or chunked(*a))
+    torch.manual_seed(0)
+    model = Transformer(tiny(), 50)
+    randomize(model)
+    idx = torch.randint(0, 50, (2, 24))
+    logits = {}
+    for native in (False, True):
+        monkeypatch.setattr(kernels, "_CPU_BF16_NATIVE", native)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[native] = model(idx)
+    assert calls == [24] * len(model.blocks)
+    torch.testing.assert_close(logits[True], logits[False], rtol=5e-2, atol=5e-2)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        model.forward_hidden(idx, segments=torch.zeros_like(idx))  # a mask: SDPA
+        cache = model.new_cache(25)
+        model(idx, cache=cache)  # the prompt: causal from position 0, chunked
+        model(idx[:, :1], cache=cache)  # one new token: SDPA
+    assert calls == [24] * len(model.blocks)

@@ -18,16 +18,19 @@ def print_train_table(result: dict[str, Any]) -> None:
     table = Table(title=f"lmkit bench train · {result['objective']} · preset {result['preset']} "
                         f"· {result['device']} · {result['tokens_per_step']:,} tokens/step",
                   caption="medians over interleaved rounds; 'lmkit ×' = lmkit's model FLOP/s "
-                          "(tokens/s) over the row's. MFU '-': the ratio to the matmul peak "
-                          "measured now exceeds 100 %", caption_justify="left")
-    for col in ("precision", "model", "params", "tok/s", "MFLOP/token", "GFLOP/s", "MFU",
-                "lmkit × FLOP/s", "lmkit × tok/s"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+                          "over the row's (tokens/s ratios and exact parameter counts: --json). "
+                          "MFU '-': the ratio to the matmul peak measured now exceeds 100 %",
+                  caption_justify="left")
+    # narrow enough for an 80-column terminal with the longest model name in full
+    for col in ("prec", "model", "params", "tok/s", "MFLOP\n/token", "GFLOP/s", "MFU",
+                "lmkit ×\nFLOP/s"):
+        table.add_column(col, justify="left" if col == "model" else "right",
+                         no_wrap=col == "model")
     for row in result["rows"]:
-        table.add_row(row["precision"], row["model"], f"{row['params']:,}", f"{row['tok_s']:,.0f}",
-                      f"{row['flops_per_token'] / 1e6:.2f}", f"{row['model_flops_s'] / 1e9:.2f}",
-                      fmt_mfu(row["mfu"]), f"{row['lmkit_over_this_flops_s']:.2f}×",
-                      f"{row['lmkit_over_this_tok_s']:.2f}×")
+        table.add_row(row["precision"], row["model"], f"{row['params'] / 1e6:.2f}M",
+                      f"{row['tok_s']:,.0f}", f"{row['flops_per_token'] / 1e6:.2f}",
+                      f"{row['model_flops_s'] / 1e9:.1f}", fmt_mfu(row["mfu"]),
+                      f"{row['lmkit_over_this_flops_s']:.2f}×")
     output.print(table)
     seen = set()
     for row in result["rows"]:

@@ -5,11 +5,13 @@ Autograd differentiates RoPE, ReLU², (on CPU) RMSNorm and the soft-capped head'
 by op, one pass over the activations per op; these compute the same values (bit for bit for
 ReLU², to float rounding for the others) in fewer passes, which is most of a CPU training step
 that matmuls do not take.
-``torch.compile`` traces them.
+:func:`causal_attention` computes causal attention with bf16 GEMMs on CPUs with bf16
+instructions, where SDPA's CPU flash kernel is slower. ``torch.compile`` traces them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -184,3 +186,101 @@ def softcap_nats(u: Tensor, targets: Tensor, cap: float) -> Tensor:
     ``u = 2 z / cap`` [N, V] (the head's matmul with its weight scaled by ``2 / cap``): equal,
     to float rounding, to ``F.cross_entropy(cap * tanh(z / cap), targets, reduction="none")``."""
     return _SoftcapNats.apply(u, targets, cap)
+
+
+# Query rows per block of the chunked attention (below): measured fastest on an AVX-512-BF16
+# CPU against 32 and 128 up to 512 positions, 128 beyond.
+def _attention_chunk(seq_len: int) -> int:
+    return 64 if seq_len <= 512 else 128
+
+
+# Beyond this many positions the saved probabilities (T^2/2 per head) outgrow what the flash
+# kernel's O(T) memory is worth trading for speed.
+CHUNKED_ATTENTION_MAX_LEN = 1024
+
+
+def _causal_bias(rows: int, start: int, keys: int, group: int, like: Tensor) -> Tensor:
+    """Additive mask [rows * group, keys]: row ``r`` is query position ``start + r // group``
+    (the ``group`` query heads of one KV head, interleaved), which sees keys up to itself."""
+    position = torch.arange(rows * group, device=like.device) // group + start
+    blocked = torch.arange(keys, device=like.device)[None, :] > position[:, None]
+    return torch.zeros(blocked.shape, dtype=like.dtype, device=like.device).masked_fill_(
+        blocked, float("-inf"))
+
+
+class _ChunkedCausalAttention(torch.autograd.Function):
+    """Causal GQA attention as bf16 batched GEMMs over blocks of query rows.
+
+    Each block of queries multiplies only the keys up to its last position (causal work, about
+    half of the full T x T), its probabilities are kept in bf16 for the backward, and the
+    ``G`` query heads sharing a KV head are stacked as rows of one GEMM (no K/V repeat).
+    Products accumulate in float32 inside the GEMMs; the scores are rounded to bf16 before the
+    softmax, as bf16 autocast's matmul would round them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, H, T, D = q.shape
+        Hk = k.size(1)
+        G = H // Hk
+        chunk = _attention_chunk(T)
+        scale = 1.0 / math.sqrt(D)
+        # rows ordered (position, head within the group) for each KV head
+        qs = (q * scale).view(B, Hk, G, T, D).transpose(2, 3).reshape(B * Hk, T * G, D)
+        kf, vf = k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D)
+        out = qs.new_empty(B * Hk, T * G, D)
+        probs = []
+        for a in range(0, T, chunk):
+            e = min(a + chunk, T)
+            rows = slice(a * G, e * G)
+            scores = torch.baddbmm(_causal_bias(e - a, a, e, G, qs), qs[:, rows],
+                                   kf[:, :e].transpose(1, 2))
+            p = scores.softmax(-1)
+            probs.append(p)
+            torch.bmm(p, vf[:, :e], out=out[:, rows])
+        ctx.save_for_backward(qs, kf, vf, *probs)
+        ctx.geometry = (B, H, T, D, Hk, G, chunk, scale)
+        return out.view(B, Hk, T, G, D).transpose(2, 3).reshape(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        qs, kf, vf, *probs = ctx.saved_tensors
+        B, H, T, D, Hk, G, chunk, scale = ctx.geometry
+        g = grad.reshape(B, Hk, G, T, D).transpose(2, 3).reshape(B * Hk, T * G, D)
+        dq = torch.empty_like(qs)
+        # K and V gradients sum over query blocks: (at least) float32 accumulators, rounded once
+        acc = torch.promote_types(kf.dtype, torch.float32)
+        dk = torch.zeros(kf.shape, dtype=acc, device=kf.device)
+        dv = torch.zeros(vf.shape, dtype=acc, device=vf.device)
+        for p, a in zip(probs, range(0, T, chunk), strict=True):
+            e = min(a + chunk, T)
+            rows = slice(a * G, e * G)
+            dv[:, :e] += torch.bmm(p.transpose(1, 2), g[:, rows])
+            dp = torch.bmm(g[:, rows], vf[:, :e].transpose(1, 2))
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
+            torch.bmm(ds, kf[:, :e], out=dq[:, rows])
+            dk[:, :e] += torch.bmm(ds.transpose(1, 2), qs[:, rows])
+        dq = dq.mul_(scale).view(B, Hk, T, G, D).transpose(2, 3).reshape(B, H, T, D)
+        return dq, dk.view(B, Hk, T, D).to(grad.dtype), dv.view(B, Hk, T, D).to(grad.dtype)
+
+
+def chunked_attention_applies(q: Tensor, k: Tensor) -> bool:
+    """Whether :func:`causal_attention` takes the chunked bf16 path for these inputs."""
+    return (q.device.type == "cpu" and _CPU_BF16_NATIVE and q.dtype == torch.bfloat16
+            and k.dtype == q.dtype and 1 < q.size(2) <= CHUNKED_ATTENTION_MAX_LEN
+            and k.size(2) == q.size(2))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal self-attention of ``q`` [B, H, T, hd] over ``k, v`` [B, H_kv, T, hd] (GQA).
+
+    SDPA (flash attention on CUDA and on CPUs in float32), except for bf16 on a CPU with bf16
+    instructions, where :class:`_ChunkedCausalAttention` runs its GEMMs on them: on an
+    AVX-512-BF16 AMD EPYC, ``small``'s attention (8 x 256 positions, 4/2 heads of 64)
+    2.4x faster forward and backward than SDPA's CPU flash kernel, 1.6x in inference, with
+    the same error against a float64 reference to within a factor of two (bf16 rounding).
+    """
+    if chunked_attention_applies(q, k):
+        return _ChunkedCausalAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                          enable_gqa=k.size(1) != q.size(1))

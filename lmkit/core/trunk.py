@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lmkit.core.kernels import (
     apply_rotary,
+    causal_attention,
     emulated_bf16,
     linear,
     recording,
@@ -179,7 +180,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Bias-free GQA self-attention through SDPA (flash attention on CUDA)."""
+    """Bias-free GQA self-attention through SDPA (flash attention on CUDA), causal attention
+    through :func:`~lmkit.core.kernels.causal_attention` (bf16 GEMMs on CPUs with bf16)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -219,9 +221,12 @@ class Attention(nn.Module):
         if same_segment is not None:  # packed documents: attend within one's own document
             mask = same_segment.tril() if causal else same_segment
             causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
-        )
+        if causal and mask is None:
+            y = causal_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
+            )
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
 
