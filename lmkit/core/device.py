@@ -64,10 +64,11 @@ def cpu_emulates_bf16(device: torch.device) -> bool:
 def resolve_dtype(name: str, device: torch.device) -> str:
     """``auto``: bf16 autocast on a GPU that supports it, fp32 on every CPU.
 
-    Measured, not assumed: bf16 autocast was slower than fp32 for lmkit and both plain
-    references on each CPU this project was timed on, one without bf16 instructions (AVX2:
-    0.05x for the references, 0.46x for the trunk) and one with them (AVX-512 with bf16, in a
-    quiet run). ``--set train.dtype=bf16`` asks for it; ``lmkit bench train`` reports
+    fp32 on a CPU keeps a run's figures independent of which CPU computed them. It is the
+    faster choice only without bf16 instructions (AVX2: bf16 0.05x for the references, 0.46x
+    for the trunk); with them bf16 won (AVX-512-BF16 EPYC: 1.55-1.67x for the references,
+    1.67x for the trunk, 2.05x compiled, with :func:`~lmkit.core.kernels.causal_attention`),
+    and ``--set train.dtype=bf16`` asks for it; ``lmkit bench train`` reports
     ``bf16_over_fp32`` for your CPU.
     """
     if name == "auto":

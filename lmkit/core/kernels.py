@@ -228,8 +228,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         # rows ordered (position, head within the group) for each KV head
         qs = (q * scale).view(B, Hk, G, T, D).transpose(2, 3).reshape(B * Hk, T * G, D)
         kf, vf = k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D)
-        out = qs.new_empty(B * Hk, T * G, D)
-        probs = []
+        outs, probs = [], []  # no out= arguments: torch.compile traces the loop whole
         for a in range(0, T, chunk):
             e = min(a + chunk, T)
             rows = slice(a * G, e * G)
@@ -237,9 +236,10 @@ class _ChunkedCausalAttention(torch.autograd.Function):
                                    kf[:, :e].transpose(1, 2))
             p = scores.softmax(-1)
             probs.append(p)
-            torch.bmm(p, vf[:, :e], out=out[:, rows])
+            outs.append(torch.bmm(p, vf[:, :e]))
         ctx.save_for_backward(qs, kf, vf, *probs)
         ctx.geometry = (B, H, T, D, Hk, G, chunk, scale)
+        out = torch.cat(outs, dim=1)
         return out.view(B, Hk, T, G, D).transpose(2, 3).reshape(B, H, T, D)
 
     @staticmethod
@@ -247,7 +247,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         qs, kf, vf, *probs = ctx.saved_tensors
         B, H, T, D, Hk, G, chunk, scale = ctx.geometry
         g = grad.reshape(B, Hk, G, T, D).transpose(2, 3).reshape(B * Hk, T * G, D)
-        dq = torch.empty_like(qs)
+        dqs = []
         # K and V gradients sum over query blocks: (at least) float32 accumulators, rounded once
         acc = torch.promote_types(kf.dtype, torch.float32)
         dk = torch.zeros(kf.shape, dtype=acc, device=kf.device)
@@ -258,9 +258,10 @@ class _ChunkedCausalAttention(torch.autograd.Function):
             dv[:, :e] += torch.bmm(p.transpose(1, 2), g[:, rows])
             dp = torch.bmm(g[:, rows], vf[:, :e].transpose(1, 2))
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
-            torch.bmm(ds, kf[:, :e], out=dq[:, rows])
+            dqs.append(torch.bmm(ds, kf[:, :e]))
             dk[:, :e] += torch.bmm(ds.transpose(1, 2), qs[:, rows])
-        dq = dq.mul_(scale).view(B, Hk, T, G, D).transpose(2, 3).reshape(B, H, T, D)
+        dq = torch.cat(dqs, dim=1).mul_(scale)
+        dq = dq.view(B, Hk, T, G, D).transpose(2, 3).reshape(B, H, T, D)
         return dq, dk.view(B, Hk, T, D).to(grad.dtype), dv.view(B, Hk, T, D).to(grad.dtype)
 
 
