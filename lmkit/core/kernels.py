@@ -276,10 +276,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal self-attention of ``q`` [B, H, T, hd] over ``k, v`` [B, H_kv, T, hd] (GQA).
 
     SDPA (flash attention on CUDA and on CPUs in float32), except for bf16 on a CPU with bf16
-    instructions, where :class:`_ChunkedCausalAttention` runs its GEMMs on them: on an
-    AVX-512-BF16 AMD EPYC, ``small``'s attention (8 x 256 positions, 4/2 heads of 64)
-    2.4x faster forward and backward than SDPA's CPU flash kernel, 1.6x in inference, with
-    the same error against a float64 reference to within a factor of two (bf16 rounding).
+    instructions, where :class:`_ChunkedCausalAttention` computes it with bf16 GEMMs: on an
+    AVX-512-BF16 AMD EPYC, ``small``'s attention (8 x 256 positions, 4/2 heads of 64) ran
+    2.4x faster forward and backward than SDPA's CPU flash kernel (which does the full T x T
+    work at these lengths and gains nothing from bf16), 1.6x in inference, with the same error
+    against a float64 reference to within a factor of two (bf16 rounding).
     """
     if chunked_attention_applies(q, k):
         return _ChunkedCausalAttention.apply(q, k, v)
