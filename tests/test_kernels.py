@@ -253,13 +253,16 @@ def test_causal_attention_takes_the_chunked_path_only_for_native_cpu_bf16(
                                    rtol=2e-2, atol=2e-2)
     q, k, v = _qkv(1, 2, 1, 1, 8, torch.bfloat16)
     kernels.causal_attention(q, k, v)  # one position (a decoding step): SDPA
+    q, k, v = _qkv(1, 2, 1, 16, 8, torch.bfloat16)
+    with torch.no_grad():  # no gradient to take (evaluation): SDPA's forward is as fast
+        kernels.causal_attention(q, k, v)
     assert calls == ([torch.bfloat16] if native else [])
 
 
 def test_the_trunk_attends_through_the_chunked_path_where_it_applies(monkeypatch) -> None:
-    """Under CPU bf16 autocast with bf16 instructions, every causal block of a forward takes
-    the chunked path, with logits as close to SDPA's as bf16 allows; packed documents (a mask)
-    and single-token decoding steps stay on SDPA."""
+    """Under CPU bf16 autocast with bf16 instructions, every causal block of a training
+    forward takes the chunked path, with logits as close to SDPA's as bf16 allows; packed
+    documents (a mask), evaluation and decoding stay on SDPA."""
     from lmkit.core.trunk import Transformer
     from tests.test_trunk import randomize, tiny
 
@@ -279,9 +282,26 @@ def test_the_trunk_attends_through_the_chunked_path_where_it_applies(monkeypatch
     assert calls == [24] * len(model.blocks)
     torch.testing.assert_close(logits[True], logits[False], rtol=5e-2, atol=5e-2)
     calls.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         model.forward_hidden(idx, segments=torch.zeros_like(idx))  # a mask: SDPA
-        cache = model.new_cache(25)
-        model(idx, cache=cache)  # the prompt: causal from position 0, chunked
-        model(idx[:, :1], cache=cache)  # one new token: SDPA
-    assert calls == [24] * len(model.blocks)
+        with torch.no_grad():
+            model(idx)  # evaluation
+            cache = model.new_cache(25)
+            model(idx, cache=cache)  # a prompt
+            model(idx[:, :1], cache=cache)  # one new token
+    assert calls == []
+
+
+def test_chunked_causal_attention_ignores_the_callers_autocast() -> None:
+    """The trunk calls it under bf16 autocast: its float32 scores must stay float32 there (an
+    autocast-cast baddbmm would round them to bf16), so the values are bit for bit the same
+    with and without autocast, forward and backward."""
+    q, k, v = _qkv(2, 4, 2, 150, 16, torch.bfloat16, seed=7)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).bfloat16()
+    results = []
+    for on in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            y = kernels._ChunkedCausalAttention.apply(q, k, v)
+        results.append([y, *torch.autograd.grad(y, (q, k, v), grad)])
+    for plain, autocast in zip(*results, strict=True):
+        assert torch.equal(plain, autocast)
