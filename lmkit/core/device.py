@@ -66,8 +66,8 @@ def resolve_dtype(name: str, device: torch.device) -> str:
 
     fp32 on a CPU keeps a run's figures independent of which CPU computed them. It is the
     faster choice only without bf16 instructions (AVX2: bf16 0.05x for the references, 0.46x
-    for the trunk); with them bf16 won (AVX-512-BF16 EPYC: 1.56-1.78x for the references,
-    1.59-1.81x for the trunk, 1.85-2.17x compiled, with
+    for the trunk); with them bf16 won (AVX-512-BF16 EPYC: 1.41-1.96x for the references,
+    1.58-1.82x for the trunk, 1.79-1.90x compiled, with
     :func:`~lmkit.core.kernels.causal_attention`),
     and ``--set train.dtype=bf16`` asks for it; ``lmkit bench train`` reports
     ``bf16_over_fp32`` for your CPU.
