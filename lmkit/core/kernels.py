@@ -5,8 +5,9 @@ Autograd differentiates RoPE, ReLU², (on CPU) RMSNorm and the soft-capped head'
 by op, one pass over the activations per op; these compute the same values (bit for bit for
 ReLU², to float rounding for the others) in fewer passes, which is most of a CPU training step
 that matmuls do not take.
-:func:`causal_attention` computes causal attention with bf16 GEMMs on CPUs with bf16
-instructions, where SDPA's CPU flash kernel is slower. ``torch.compile`` traces them.
+:func:`causal_attention` runs bf16 training's causal attention as GEMMs over blocks of query
+rows on CPUs with bf16 instructions, where SDPA's CPU flash kernel is slower.
+``torch.compile`` traces them.
 """
 
 from __future__ import annotations
@@ -208,6 +209,22 @@ def _causal_bias(rows: int, start: int, keys: int, group: int, like: Tensor) -> 
         blocked, float("-inf"))
 
 
+def _to_rows(t: Tensor, kv_heads: int) -> Tensor:
+    """[B, H, T, D] -> [B * H_kv, T * G, D]: for each KV head, its G query heads' rows ordered
+    (position, head within the group), so that a block of positions is a block of rows."""
+    B, H, T, D = t.shape
+    return t.reshape(B, kv_heads, H // kv_heads, T, D).transpose(2, 3).reshape(
+        B * kv_heads, T * (H // kv_heads), D)
+
+
+def _from_rows(t: Tensor, batch: int, heads: int) -> Tensor:
+    """The inverse of :func:`_to_rows`: [B * H_kv, T * G, D] -> [B, H, T, D]."""
+    kv_heads = t.size(0) // batch
+    G = heads // kv_heads
+    T, D = t.size(1) // G, t.size(2)
+    return t.view(batch, kv_heads, T, G, D).transpose(2, 3).reshape(batch, heads, T, D)
+
+
 class _ChunkedCausalAttention(torch.autograd.Function):
     """Causal GQA attention as batched GEMMs over blocks of query rows.
 
@@ -232,10 +249,9 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         chunk = _attention_chunk(T)
         scale = 1.0 / math.sqrt(D)
         # float32 scores: exp() turns a score's absolute rounding error into its probability's
-        # relative one (bf16's 2^-9 of a score of 10 is 2 %). Rows ordered (position, head
-        # within the group) for each KV head.
+        # relative one (bf16's 2^-9 of a score of 10 is 2 %)
         wide = torch.promote_types(q.dtype, torch.float32)
-        qw = (q.to(wide) * scale).view(B, Hk, G, T, D).transpose(2, 3).reshape(B * Hk, T * G, D)
+        qw = _to_rows(q.to(wide) * scale, Hk)
         qs = qw.to(q.dtype)  # the backward's operand
         kf, vf = k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D)
         kw = kf.to(wide)
@@ -250,8 +266,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
             outs.append(torch.bmm(p, vf[:, :e]))
         ctx.save_for_backward(qs, kf, vf, *probs)
         ctx.geometry = (B, H, T, D, Hk, G, chunk, scale)
-        out = torch.cat(outs, dim=1)
-        return out.view(B, Hk, T, G, D).transpose(2, 3).reshape(B, H, T, D)
+        return _from_rows(torch.cat(outs, dim=1), B, H)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -262,7 +277,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
     def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         qs, kf, vf, *probs = ctx.saved_tensors
         B, H, T, D, Hk, G, chunk, scale = ctx.geometry
-        g = grad.reshape(B, Hk, G, T, D).transpose(2, 3).reshape(B * Hk, T * G, D)
+        g = _to_rows(grad, Hk)
         dqs = []
         # K and V gradients sum over query blocks: (at least) float32 accumulators, rounded once
         acc = torch.promote_types(kf.dtype, torch.float32)
@@ -276,8 +291,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
             dqs.append(torch.bmm(ds, kf[:, :e]))
             dk[:, :e] += torch.bmm(ds.transpose(1, 2), qs[:, rows])
-        dq = torch.cat(dqs, dim=1).mul_(scale)
-        dq = dq.view(B, Hk, T, G, D).transpose(2, 3).reshape(B, H, T, D)
+        dq = _from_rows(torch.cat(dqs, dim=1).mul_(scale), B, H)
         return dq, dk.view(B, Hk, T, D).to(grad.dtype), dv.view(B, Hk, T, D).to(grad.dtype)
 
 
