@@ -49,7 +49,17 @@ def test_compare_json_md_png_and_determinism(tiny_data, tmp_path, capsys):
     assert 50e6 < cost["peak_rss_bytes"] <= peak_rss_bytes()
     assert json.loads((tmp_path / "a" / "compare.json").read_text())["cost"] == cost
     assert cost_line(cost) in (tmp_path / "a" / "report.md").read_text()
+    # where it went: the phases add up to the wall clock; validation is part of training and is
+    # each run's own record of it
     rows = {r["objective"]: r for r in result["rows"]}
+    phases = cost["phases"]
+    assert abs(phases["training"] + phases["evaluation"] + phases["other"]
+               - cost["wall_seconds"]) <= 0.2
+    assert 0 < phases["validation"] < phases["training"] and phases["evaluation"] > 0
+    recorded = sum(next(m for m in reversed(read_metrics(r["run"])) if m["type"] == "val")
+                   ["val_seconds"] for r in result["rows"])
+    assert abs(phases["validation"] - recorded) <= 0.1
+    assert "training " in cost_line(cost) and "of which validation" in cost_line(cost)
     assert list(rows) == ["ar", "mdlm", "maskrecon"]
     kinds = {r["objective"]: {m["name"]: m["kind"] for m in r["metrics"]} for r in result["rows"]}
     assert kinds["ar"] == {"nll": "exact"}
@@ -81,6 +91,9 @@ def test_compare_json_md_png_and_determinism(tiny_data, tmp_path, capsys):
     assert code == 0, err
     table = out.split("\n\n")[1].splitlines()
     assert out.startswith("# lmkit compare") and len(table) == 5  # header, rule, 3 rows
+    loaded = json.loads((tmp_path / "c" / "compare.json").read_text())["cost"]
+    assert loaded["phases"]["training"] == 0 and loaded["phases"]["validation"] == 0
+    assert loaded["phases"]["evaluation"] > 0 and "of which" not in cost_line(loaded)
     assert "## Paired differences" in out  # mdlm and maskrecon were scored with the same masks
 
 

@@ -46,6 +46,9 @@ class Entry:
     seed: int | None = None  # train.seed: runs of one objective with different seeds are seeds
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # the run's config
     label: str = ""  # the row's name where one objective has several runs (see label_entries)
+    # this process's wall clock per phase: ``training`` (the train() call, its validations
+    # included, of which ``validation``) and ``evaluation``; empty for a run only loaded
+    spent: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def tok_s(self) -> float | None:

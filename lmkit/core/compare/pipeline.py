@@ -93,9 +93,21 @@ class CompareRequest:
     eval_opts: dict[str, Any] = field(default_factory=dict)
 
 
+def phase_seconds(entries: list[Entry], wall: float) -> dict[str, float]:
+    """Where a comparison's wall clock went, in this process: ``training`` (validation during
+    training included, and also given alone as ``validation``), ``evaluation`` and ``other``
+    (data preparation, packing, generation columns and the rest), so that training +
+    evaluation + other = ``wall``."""
+    total = {phase: sum(e.spent.get(phase, 0.0) for e in entries)
+             for phase in ("training", "validation", "evaluation")}
+    total["other"] = max(0.0, wall - total["training"] - total["evaluation"])
+    return {phase: round(seconds, 1) for phase, seconds in total.items()}
+
+
 class Comparison(NamedTuple):
     """What :func:`run_comparison` made: its directory, its rows, the files it wrote and what it
-    cost (``wall_seconds`` from the call to the report, this process's ``peak_rss_bytes``)."""
+    cost (``wall_seconds`` from the call to the report, split into ``phases``
+    (:func:`phase_seconds`), and this process's ``peak_rss_bytes``)."""
 
     out: Path
     entries: list[Entry]
@@ -145,8 +157,9 @@ def run_comparison(request: CompareRequest, observer: CompareObserver | None = N
     resolve_baseline(entries, r.baseline)  # a baseline not among RUN_DIRs fails before writing
     sanity_check(entries)
     out = Path(out).resolve()
-    cost = {"wall_seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_bytes": peak_rss_bytes()}
+    wall = time.perf_counter() - t0
+    cost = {"wall_seconds": round(wall, 1), "peak_rss_bytes": peak_rss_bytes(),
+            "phases": phase_seconds(entries, wall)}
     files = distributed.from_main(  # rank 0 writes, all return it
         lambda: write_report(out, entries, {"comparison": str(out)}, baseline=r.baseline,
                              cost=cost))

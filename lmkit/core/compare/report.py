@@ -161,14 +161,27 @@ def headline_cells(e: Entry) -> list[str]:
 HEADLINE = ["objective", "params", "tokens trained", "train time", "tok/s"]
 
 
+def _duration(seconds: float) -> str:
+    """``14 min 05 s``, or ``53 s`` under a minute."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
 def cost_line(cost: dict[str, Any]) -> str:
-    """What a comparison cost, in words: its wall clock and its peak resident memory."""
-    minutes, seconds = divmod(round(cost["wall_seconds"]), 60)
+    """What a comparison cost, in words: its wall clock, where it went, its peak resident
+    memory."""
+    phases = cost.get("phases")
+    split = ""
+    if phases:
+        training = (f"training {_duration(phases['training'])}, of which validation "
+                    f"{_duration(phases['validation'])}; " if phases["training"] else "")
+        split = (f": {training}evaluation {_duration(phases['evaluation'])}; the rest "
+                 f"{_duration(phases['other'])}")
     peak = cost.get("peak_rss_bytes")
     memory = (f"peaked at {peak / 1e6:,.0f} MB of resident memory" if peak is not None
               else "its peak memory is not measurable on this platform")
-    return (f"The comparison took {minutes} min {seconds:02d} s (wall clock, from the start of "
-            f"training or loading to the report) and {memory}.")
+    return (f"The comparison took {_duration(cost['wall_seconds'])} (wall clock, from the start of "
+            f"training or loading to the report{split}) and {memory}.")
 
 
 def to_markdown(entries: list[Entry], title: str = "lmkit compare",

@@ -50,7 +50,8 @@ def _evaluated_entry(run_dir: Path, observer: CompareObserver, *, reuse: bool,
                  params=meta["model"]["params"],
                  tokens=state["tokens"], train_seconds=state["seconds"],
                  metrics=result["metrics"], eval=result, units=units,
-                 seed=seed if isinstance(seed, int) else None, config=config)
+                 seed=seed if isinstance(seed, int) else None, config=config,
+                 spent={"evaluation": seconds})
 
 
 def compare_objectives(
@@ -99,19 +100,27 @@ def compare_objectives(
         to_train = sum(a != "reuse" for _, a in plans[i:])
         eta = (time.perf_counter() - started) / trained * to_train if trained else None
         run_dir = out / "runs" / label
+        spent: dict[str, float] = {}
         if action == "reuse":
             observer.on_phase(i, len(plans), label, "complete: reused", None)
         else:
             observer.on_phase(i, len(plans), label, "train" if action == "train" else
                               f"train ({action})", eta)
             data = data or open_for_training(cfg.data, log)
-            train(cfg, data, run_dir, resume=action == "resume", restart=action == "restart",
-                  observer=observer)
+            # a resumed run's state already counts its earlier sessions' validation time
+            val_before = (float(runs.read_run_state(run_dir).get("val_seconds", 0.0))
+                          if action == "resume" else 0.0)
+            t0 = time.perf_counter()
+            summary = train(cfg, data, run_dir, resume=action == "resume",
+                            restart=action == "restart", observer=observer)
+            spent = {"training": time.perf_counter() - t0,
+                     "validation": max(0.0, summary["val_seconds"] - val_before)}
             trained += 1
         observer.on_phase(i, len(plans), label, "eval", None)
         entry = _evaluated_entry(run_dir, observer, reuse=action == "reuse",
                                  max_tokens=max_tokens, device=cfg.train.device,
                                  options=(eval_options or {}).get(name) or None)
+        entry.spent.update(spent)
         entries.append((objectives.index(name) * len(plans) + i, entry))
     return out, [e for _, e in sorted(entries, key=lambda x: x[0])]
 
