@@ -348,7 +348,9 @@ def compare(run_dirs, objectives, data_dir, tokenizer, preset, steps, tokens, se
     Every cell states its kind — `=` exact, `≤` upper bound (± standard error), `score` — and
     all metrics are bits per byte from the tokenizer's exact LUT. Writes report.md,
     compare.json, compare.csv and val_bpb.png (validation bpb vs tokens) to the comparison
-    directory, and which budget made the runs equal (steps, tokens or wall clock).
+    directory, and which budget made the runs equal (steps, tokens or wall clock). It ends with
+    what the comparison cost: its wall clock, split into training (of which validation),
+    evaluation and the rest, and its peak resident memory (compare.json: "cost").
 
     With several seeds (--seeds, or RUN_DIRs holding several runs of one objective that differ
     only in seed) it adds each metric's mean ± sample std across seeds beside the rms of the
