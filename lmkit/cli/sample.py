@@ -107,7 +107,8 @@ def sample_command(run_dir, sampler, num, length, steps, seed, prompt, temperatu
 @click.option("--steps", type=click.IntRange(min=1),
               help="T of the diffusion samplers [default: 4 × --length].")
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Timed repeats per sampler (the best is kept).")
+              help="Timed rounds: every sampler runs once per round, the order rotating "
+                   "(each sampler's best is kept).")
 @click.option("--seed", type=bounded(0, MAX_SEED), default=0, show_default=True)
 @click.option("--judge", "judge_dir", type=click.Path(path_type=Path),
               help="An AR run on the same tokenizer: adds each row's gen-ppl (bits per byte of "

@@ -103,8 +103,8 @@ def bench_sample(sources: list[str], *, preset: str = "small", num: int = 2, len
                  device: str = "auto", precision: str = "fp32", judge: str | Path | None = None,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One group per source (a run directory or an objective name): tokens/s and NFE of each
-    sampler variant, best of ``repeats``, ratios to the group's first row; with ``judge`` (an AR
-    run on the same tokenizer), each row's gen-ppl and entropy too.
+    sampler variant, best of ``repeats`` interleaved rounds, ratios to the group's first row;
+    with ``judge`` (an AR run on the same tokenizer), each row's gen-ppl and entropy too.
 
     ``steps`` defaults to 4 × ``length``: caching pays off when T exceeds the tokens to reveal.
     With T ≤ ``length`` every masked sampler makes at most T model calls (``ddpm``, ``confidence``
@@ -124,14 +124,22 @@ def bench_sample(sources: list[str], *, preset: str = "small", num: int = 2, len
         kw = dict(objective=setup.objective, tokens=setup.tokens,
                   prompt=torch.tensor([setup.tokens.bos_id]), context=setup.cfg.train.seq_len)
         rows, outputs, uses_steps = [], [], False
-        for label, name, options, speed_variant in variants(objective):
-            entry = next(e for e in samplers_for(objective) if e.name == name)
-            warm = dataclasses.replace(request, length=min(8, n), options=options)
-            generate(setup.model, entry, **kw, request=warm)
-            timed = [generate(setup.model, entry, **kw,
-                              request=dataclasses.replace(request, options=options))[0]
-                     for _ in range(repeats)]
-            best = min(timed, key=lambda r: r["seconds"])
+        found = variants(objective)
+        entries = [next(e for e in samplers_for(objective) if e.name == name)
+                   for _, name, _, _ in found]
+        for entry, (_, _, options, _) in zip(entries, found, strict=True):
+            generate(setup.model, entry, **kw,
+                     request=dataclasses.replace(request, length=min(8, n), options=options))
+        # interleaved rounds, the order rotating each round: a machine that slows down (or
+        # speeds up) over the bench hits every variant alike instead of the later ones
+        timed: list[list[dict[str, Any]]] = [[] for _ in found]
+        for r in range(repeats):
+            for i in (list(range(len(found)))[r % len(found):]
+                      + list(range(len(found)))[:r % len(found)]):
+                request_i = dataclasses.replace(request, options=found[i][2])
+                timed[i].append(generate(setup.model, entries[i], **kw, request=request_i)[0])
+        for (label, name, options, speed_variant), runs_of in zip(found, timed, strict=True):
+            best = min(runs_of, key=lambda r: r["seconds"])
             uses_steps |= "steps" in best["detail"]
             outputs.append(best["tokens"])
             rows.append({"label": label, "sampler": name, "options": options,
