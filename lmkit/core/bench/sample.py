@@ -125,6 +125,8 @@ def bench_sample(sources: list[str], *, preset: str = "small", num: int = 2, len
                   prompt=torch.tensor([setup.tokens.bos_id]), context=setup.cfg.train.seq_len)
         rows, outputs, uses_steps = [], [], False
         found = variants(objective)
+        if not found:
+            raise LmkitError(f"no registered sampler serves objective {objective!r}")
         entries = [next(e for e in samplers_for(objective) if e.name == name)
                    for _, name, _, _ in found]
         for entry, (_, _, options, _) in zip(entries, found, strict=True):
@@ -133,11 +135,14 @@ def bench_sample(sources: list[str], *, preset: str = "small", num: int = 2, len
         # interleaved rounds, the order rotating each round: a machine that slows down (or
         # speeds up) over the bench hits every variant alike instead of the later ones
         timed: list[list[dict[str, Any]]] = [[] for _ in found]
+        order = list(range(len(found)))
         for r in range(repeats):
-            for i in (list(range(len(found)))[r % len(found):]
-                      + list(range(len(found)))[:r % len(found)]):
+            k = r % len(order)
+            for i in order[k:] + order[:k]:
                 request_i = dataclasses.replace(request, options=found[i][2])
                 timed[i].append(generate(setup.model, entries[i], **kw, request=request_i)[0])
+            if log:
+                log(f"{objective}: round {r + 1}/{repeats} of {len(found)} samplers done")
         for (label, name, options, speed_variant), runs_of in zip(found, timed, strict=True):
             best = min(runs_of, key=lambda r: r["seconds"])
             uses_steps |= "steps" in best["detail"]
@@ -153,8 +158,6 @@ def bench_sample(sources: list[str], *, preset: str = "small", num: int = 2, len
                 scored = f", gen-ppl {rows[-1]['gen_ppl']:.4f} bpb" if judge_run else ""
                 log(f"{objective}: {label}: {rows[-1]['tokens_per_s']:,.0f} tokens/s, "
                     f"NFE {best['nfe']}{scored}")
-        if not rows:
-            raise LmkitError(f"no registered sampler serves objective {objective!r}")
         for row in rows:
             row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
             row["nfe_ratio"] = row["nfe"] / rows[0]["nfe"]
