@@ -181,8 +181,17 @@ def test_compare_seeds_cli_mean_std_welch_and_reuse(tiny_data, tmp_path, capsys)
     assert code == 0, err
     toml = partial / "config.toml"  # as if a 4-step run had been stopped after step 2
     toml.write_text(toml.read_text().replace("steps = 2\n", "steps = 4\n", 1))
+    state_file = partial / "checkpoint" / "state.json"  # as if it had validated for 100 s
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "val_seconds": 100.0}))
+    validated_before = read_run_state(partial)["val_seconds"]
     code, out, err = run_cli(seeds_args(tiny_data, out_dir, "--json"), capsys)
     assert code == 0, err
+    # the cost counts this process's validations only: ar-s2's, and mdlm-s2's after the resume
+    phases = json.loads(out)["cost"]["phases"]
+    validated = (read_run_state(out_dir / "runs" / "ar-s2")["val_seconds"]
+                 + read_run_state(partial)["val_seconds"] - validated_before)
+    assert abs(phases["validation"] - validated) <= 0.1 and validated_before == 100.0
     again = {r["label"]: r for r in json.loads(out)["rows"]}
     first = {r["label"]: r for r in result["rows"]}
     for label in ("ar-s1", "ar-s2", "mdlm-s1"):  # reused, or retrained deterministically
