@@ -47,7 +47,7 @@ class Entry:
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # the run's config
     label: str = ""  # the row's name where one objective has several runs (see label_entries)
     # this process's wall clock per phase: ``training`` (the train() call, its validations
-    # included, of which ``validation``) and ``evaluation``; empty for a run only loaded
+    # included, of which ``validation``) and ``evaluation`` (all a run only loaded has)
     spent: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
