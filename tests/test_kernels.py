@@ -216,11 +216,14 @@ def test_chunked_causal_attention_is_exact_attention(shape) -> None:
     assert torch.autograd.gradcheck(kernels._ChunkedCausalAttention.apply, tuple(small))
 
 
-def test_chunked_causal_attention_in_bf16_is_as_close_as_sdpas() -> None:
-    """bf16 inputs: against a float64 reference, the chunked form's output and gradients are
-    within twice the error of SDPA's own bf16 kernel (plus one bf16 step), dtypes kept."""
-    q, k, v = _qkv(2, 4, 2, 192, 32, torch.bfloat16, seed=5)
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).bfloat16()
+@pytest.mark.parametrize(("dtype", "slack"), [(torch.bfloat16, 2.0 ** -8),
+                                              (torch.float32, 2.0 ** -22)])
+def test_chunked_causal_attention_is_as_close_as_sdpas(dtype, slack) -> None:
+    """bf16 and float32 inputs: against a float64 reference, the chunked form's output and
+    gradients are within twice the error of SDPA's own kernel (plus half a step of the dtype at
+    the largest value), dtypes kept."""
+    q, k, v = _qkv(2, 4, 2, 192, 32, dtype, seed=5)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*exact, is_causal=True, enable_gqa=True)
     want = [ref, *torch.autograd.grad(ref, exact, grad.double())]
@@ -230,33 +233,38 @@ def test_chunked_causal_attention_in_bf16_is_as_close_as_sdpas() -> None:
                          *t, is_causal=True, enable_gqa=True))):
         y = fn(q, k, v)
         results[name] = [y, *torch.autograd.grad(y, (q, k, v), grad)]
-    assert all(t.dtype == torch.bfloat16 for t in results["chunked"])
+    assert all(t.dtype == dtype for t in results["chunked"])
     for mine, theirs, exact_t in zip(results["chunked"], results["sdpa"], want, strict=True):
         err = (mine.double() - exact_t).abs().max().item()
         sdpa_err = (theirs.double() - exact_t).abs().max().item()
-        assert err <= 2 * sdpa_err + exact_t.abs().max().item() * 2.0 ** -8
+        assert err <= 2 * sdpa_err + exact_t.abs().max().item() * slack
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_causal_attention_takes_the_chunked_path_only_for_native_cpu_bf16(
-        native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("avx512", [True, False])
+def test_causal_attention_takes_the_chunked_path_where_it_is_faster(
+        native: bool, avx512: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked for training in bf16 on a CPU with bf16 instructions and in float32 on an
+    AVX-512 one; SDPA otherwise, for one position and without a gradient."""
     calls = []
     chunked = kernels._ChunkedCausalAttention.apply
     monkeypatch.setattr(kernels._ChunkedCausalAttention, "apply",
                         lambda *a: calls.append(a[0].dtype) or chunked(*a))
     monkeypatch.setattr(kernels, "_CPU_BF16_NATIVE", native)
+    monkeypatch.setattr(kernels, "_CPU_FP32_CHUNKED", avx512)
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v = _qkv(1, 2, 1, 16, 8, dtype)
         want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                               is_causal=True, enable_gqa=True)
         torch.testing.assert_close(kernels.causal_attention(q, k, v).double(), want,
                                    rtol=2e-2, atol=2e-2)
-    q, k, v = _qkv(1, 2, 1, 1, 8, torch.bfloat16)
-    kernels.causal_attention(q, k, v)  # one position (a decoding step): SDPA
-    q, k, v = _qkv(1, 2, 1, 16, 8, torch.bfloat16)
-    with torch.no_grad():  # no gradient to take (evaluation): SDPA's forward is as fast
-        kernels.causal_attention(q, k, v)
-    assert calls == ([torch.bfloat16] if native else [])
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = _qkv(1, 2, 1, 1, 8, dtype)
+        kernels.causal_attention(q, k, v)  # one position (a decoding step): SDPA
+        q, k, v = _qkv(1, 2, 1, 16, 8, dtype)
+        with torch.no_grad():  # no gradient to take (evaluation): SDPA's forward is as fast
+            kernels.causal_attention(q, k, v)
+    assert calls == [torch.float32] * avx512 + [torch.bfloat16] * native
 
 
 def test_the_trunk_attends_through_the_chunked_path_where_it_applies(monkeypatch) -> None:

@@ -5,8 +5,8 @@ Autograd differentiates RoPE, ReLU², (on CPU) RMSNorm and the soft-capped head'
 by op, one pass over the activations per op; these compute the same values (bit for bit for
 ReLU², to float rounding for the others) in fewer passes, which is most of a CPU training step
 that matmuls do not take.
-:func:`causal_attention` runs bf16 training's causal attention as GEMMs over blocks of query
-rows on CPUs with bf16 instructions, where SDPA's CPU flash kernel is slower.
+:func:`causal_attention` runs training's causal attention as GEMMs over blocks of query rows
+where SDPA's CPU flash kernel is slower: bf16 on CPUs with bf16 instructions, float32 on AVX-512.
 ``torch.compile`` traces them.
 """
 
@@ -22,6 +22,11 @@ from torch import Tensor
 from lmkit.core.device import cpu_has_native_bf16
 
 _CPU_BF16_NATIVE = cpu_has_native_bf16()  # read once: a constant to torch.compile too
+# float32 training attention takes the chunked path where PyTorch's CPU kernels are AVX-512 ones:
+# on a 2-core AVX-512 AMD EPYC its forward and backward at ``small``'s shape ran 1.39x faster
+# than SDPA's flash kernel and compiled ``small`` ar training steps 1.04x (three interleaved
+# ``lmkit bench train`` runs), while on an AVX2 EPYC the training step was 0.92x as fast.
+_CPU_FP32_CHUNKED = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def _exact_in_float32(t: Tensor) -> Tensor:
@@ -229,11 +234,12 @@ class _ChunkedCausalAttention(torch.autograd.Function):
     """Causal GQA attention as batched GEMMs over blocks of query rows.
 
     Each block of queries multiplies only the keys up to its last position (causal work, about
-    half of the full T x T), its probabilities are kept in bf16 for the backward, and the
-    ``G`` query heads sharing a KV head are stacked as rows of one GEMM (no K/V repeat). The
-    scores and their softmax are float32, as in flash attention; the other GEMMs (P V and the
-    backward's four) are bf16 with float32 sums. Autocast is off inside: the dtypes are the
-    ones written here, whether or not the caller runs under autocast.
+    half of the full T x T), its probabilities are kept in the inputs' dtype for the backward,
+    and the ``G`` query heads sharing a KV head are stacked as rows of one GEMM (no K/V repeat).
+    The scores and their softmax are (at least) float32, as in flash attention; the other GEMMs
+    (P V and the backward's four) run in the inputs' dtype (bf16 with float32 sums, or float32).
+    Autocast is off inside: the dtypes are the ones written here, whether or not the caller runs
+    under autocast.
     """
 
     @staticmethod
@@ -296,10 +302,13 @@ class _ChunkedCausalAttention(torch.autograd.Function):
 
 
 def chunked_attention_applies(q: Tensor, k: Tensor) -> bool:
-    """Whether :func:`causal_attention` takes the chunked bf16 path for these inputs: bf16 on a
-    CPU with bf16 instructions, a gradient to take (forward alone, SDPA's kernel is as fast or
-    faster), and at most :data:`CHUNKED_ATTENTION_MAX_LEN` positions."""
-    return (q.device.type == "cpu" and _CPU_BF16_NATIVE and q.dtype == torch.bfloat16
+    """Whether :func:`causal_attention` takes the chunked path for these inputs: on a CPU, bf16
+    where it has bf16 instructions or float32 where its kernels are AVX-512 ones, a gradient to
+    take (forward alone, SDPA's kernel is as fast or faster), and at most
+    :data:`CHUNKED_ATTENTION_MAX_LEN` positions."""
+    fast = ((q.dtype == torch.bfloat16 and _CPU_BF16_NATIVE)
+            or (q.dtype == torch.float32 and _CPU_FP32_CHUNKED))
+    return (q.device.type == "cpu" and fast
             and k.dtype == q.dtype and 1 < q.size(2) <= CHUNKED_ATTENTION_MAX_LEN
             and k.size(2) == q.size(2) and (recording(q) or recording(k)))
 
@@ -307,13 +316,14 @@ def chunked_attention_applies(q: Tensor, k: Tensor) -> bool:
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal self-attention of ``q`` [B, H, T, hd] over ``k, v`` [B, H_kv, T, hd] (GQA).
 
-    SDPA (flash attention on CUDA, on CPUs in float32 and wherever no gradient is taken),
-    except for bf16 training on a CPU with bf16 instructions, where
-    :class:`_ChunkedCausalAttention` computes it with bf16 GEMMs: on an AVX-512-BF16 AMD EPYC,
-    forward and backward of ``small``'s attention (8 x 256 positions, 4/2 heads of 64) ran
-    1.87x faster than SDPA's CPU flash kernel (which does the full T x T work at these lengths
-    and gains nothing from bf16), 1.68x at 128 positions, 1.46x at 512, 1.10x at 1,024, with
-    the same error against a float64 reference to within a factor of two (bf16 rounding).
+    SDPA (flash attention on CUDA, and wherever no gradient is taken), except for training on
+    a CPU where :func:`chunked_attention_applies`, where :class:`_ChunkedCausalAttention`
+    computes it with batched GEMMs over about half the T x T work: in bf16 on an AVX-512-BF16
+    AMD EPYC, forward and backward of ``small``'s attention (8 x 256 positions, 4/2 heads of
+    64) ran 1.87x faster than SDPA's CPU flash kernel (which does the full T x T work at these
+    lengths and gains nothing from bf16), 1.68x at 128 positions, 1.46x at 512, 1.10x at 1,024,
+    with the same error against a float64 reference to within a factor of two (bf16 rounding);
+    in float32 there, 1.39x at ``small``'s shape.
     """
     if chunked_attention_applies(q, k):
         return _ChunkedCausalAttention.apply(q, k, v)
