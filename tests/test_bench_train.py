@@ -91,7 +91,7 @@ def test_bench_train_explains_bf16_on_a_cpu_without_bf16(monkeypatch) -> None:
 
 @pytest.mark.slow
 def test_bench_all_summary_follows_from_its_rows() -> None:
-    from lmkit.core.bench.all import bench_all
+    from lmkit.core.bench.all import EVAL_ROUNDS, bench_all
     from lmkit.core.defaults import DEFAULT_NUM_SAMPLES
     from lmkit.core.memory import peak_rss_bytes
 
@@ -102,6 +102,9 @@ def test_bench_all_summary_follows_from_its_rows() -> None:
     assert s["lmkit_over_reference_a_flops_s_fp32"] == \
         rows[("fp32", "lmkit")]["model_flops_s"] / rows[("fp32", "reference_a")]["model_flops_s"]
     assert s["eval_over_train_tok_s"] == s["eval_tok_s"] / result["train_run"]["tok_s"]
+    (nll,) = result["eval"]["rows"]  # the median of EVAL_ROUNDS passes
+    assert len(nll["seconds_rounds"]) == result["eval"]["repeats"] == EVAL_ROUNDS
+    assert s["eval_tok_s"] == pytest.approx(1e6 / nll["seconds_per_1m_tokens"])
     ar = next(g for g in result["sample"]["groups"] if g["objective"] == "ar")
     by = {r["label"]: r["tokens_per_s"] for r in ar["rows"]}
     assert s["ar (kv cache) over ar (no cache) tokens/s"] == \

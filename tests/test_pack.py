@@ -267,3 +267,23 @@ def test_sample_accepts_an_artifact(ar_run, packed6):
     from_run = sample_run(ar_run, num=2, length=6, device="cpu")
     assert [len(s["token_ids"]) for s in from_artifact] == [6, 6]
     assert from_artifact[0]["sampler"] == from_run[0]["sampler"] == "ar"
+
+
+def test_bench_eval_repeats_report_the_median_of_identical_evaluations(ar_run):
+    """``lmkit bench eval --repeats 3``: the same figures each time, each estimator's seconds
+    the median of its three passes, listed."""
+    from lmkit.cli import bench_eval
+
+    res = CliRunner().invoke(bench_eval, [str(ar_run), "--max-tokens", "512", "--repeats", "3",
+                                          "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    (row,) = r["rows"]
+    assert r["repeats"] == 3 and row["metric"] == "nll" and len(row["seconds_rounds"]) == 3
+    assert row["seconds"] == sorted(row["seconds_rounds"])[1]
+    assert row["seconds_per_1m_tokens"] == pytest.approx(row["seconds"] * 1e6 / row["tokens"])
+    single = json.loads(CliRunner().invoke(bench_eval, [str(ar_run), "--max-tokens", "512",
+                                                        "--device", "cpu", "--json"]).stdout)
+    assert single["repeats"] == 1 and single["rows"][0]["value"] == row["value"]
+    bad = CliRunner().invoke(bench_eval, [str(ar_run), "--repeats", "0"])
+    assert bad.exit_code == 2 and "--repeats" in bad.output

@@ -561,10 +561,12 @@ def bench_train(preset: str, objective: str, steps: int, rounds: int, warmup: in
               help="Evaluate a prefix of the validation stream.")
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
               help="An evaluation option of the run's objective (repeatable).")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Evaluate this many times in a row; each estimator's median seconds.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_eval(run_dir: Path, max_tokens: int | None, opts: tuple[str, ...], device: str,
-               as_json: bool) -> None:
+def bench_eval(run_dir: Path, max_tokens: int | None, opts: tuple[str, ...], repeats: int,
+               device: str, as_json: bool) -> None:
     """Seconds and model calls per 1M evaluated tokens of each estimator, with the stderr reached.
 
     Train a run first, e.g. `lmkit train --objective mdlm --preset small --out runs/mdlm-small`.
@@ -574,7 +576,7 @@ def bench_eval(run_dir: Path, max_tokens: int | None, opts: tuple[str, ...], dev
 
     with console.status("evaluating…", spinner="dots") if not as_json else nullcontext():
         result = run(str(run_dir), max_tokens=max_tokens,
-                     options=parse_opts(opts), device=device)
+                     options=parse_opts(opts), device=device, repeats=repeats)
     if as_json:
         emit_json(result)
         return

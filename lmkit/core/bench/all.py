@@ -29,6 +29,9 @@ from lmkit.core.train import train
 # a machine slowing down over the bench would show as the later ones being slower (ddpm_cache
 # read 0.79x and 0.82x ddpm that way on an AVX2 EPYC, about 1.0x interleaved, with fewer calls)
 SAMPLE_ROUNDS = 2
+# evaluations of the AR run, the median kept: one pass over 32,768 tokens takes about 1.3 s on
+# a 2-core CPU, and a single one read 18.9k and 26.8k tokens/s in two bench runs an hour apart
+EVAL_ROUNDS = 3
 
 
 def _row(result: dict[str, Any], precision: str, model: str) -> dict[str, Any]:
@@ -70,7 +73,8 @@ def bench_all(*, preset: str = "small", rounds: int = 3, batch_tokens: int = 204
                                                    "train.val_every": 0})
         run = train(cfg, open_for_training(cfg.data), run_dir)
         say("eval bench …")
-        eval_result = bench_eval(str(run_dir), max_tokens=eval_tokens, device=device)
+        eval_result = bench_eval(str(run_dir), max_tokens=eval_tokens, device=device,
+                                 repeats=EVAL_ROUNDS)
     say("sample bench: ar and mdlm samplers …")
     sample_result = bench_sample(["ar"], preset=preset, num=num, length=length, steps=length,
                                  repeats=SAMPLE_ROUNDS, device=device, log=log)
