@@ -24,8 +24,8 @@ from lmkit.core.device import cpu_has_native_bf16
 _CPU_BF16_NATIVE = cpu_has_native_bf16()  # read once: a constant to torch.compile too
 # float32 training attention takes the chunked path where PyTorch's CPU kernels are AVX-512 ones:
 # on a 2-core AVX-512 AMD EPYC its forward and backward at ``small``'s shape ran 1.39x faster
-# than SDPA's flash kernel and compiled ``small`` ar training steps 1.04x (three interleaved
-# ``lmkit bench train`` runs), while on an AVX2 EPYC the training step was 0.92x as fast.
+# than SDPA's flash kernel and compiled ``small`` ar training steps about 1.04x (two back-to-back
+# ``lmkit bench train`` runs against one), while on an AVX2 EPYC the training step was 0.92x.
 _CPU_FP32_CHUNKED = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
