@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from lmkit.core.evaluate import evaluate_run
+from lmkit.core import runs
+from lmkit.core.device import resolve_device
+from lmkit.core.evaluate import evaluate_stored
 
 
 def bench_eval(run_dir: str, *, max_tokens: int | None = None,
@@ -21,8 +23,9 @@ def bench_eval(run_dir: str, *, max_tokens: int | None = None,
     processes on a shared CPU can stretch by a third."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    results = [evaluate_run(run_dir, max_tokens=max_tokens, options=options, device=device,
-                            latest=False) for _ in range(repeats)]
+    run = runs.load_run(run_dir, device=resolve_device(device))  # loaded once for every repeat
+    results = [evaluate_stored(run, latest=False, max_tokens=max_tokens, options=options)
+               for _ in range(repeats)]
     result = results[0]
     by_name = {m["name"]: m for m in result["metrics"]}
     rows = []
